@@ -1,0 +1,325 @@
+"""The embedded demo suite: small tasks in the VTAB-1k shape that need no download, and the small ViT backbone the
+harness pre-trains for them on a separate, generated upstream dataset.
+
+Tasks (32x32 RGB images; splits train800 / val200 / train800val200 / test):
+
+* ``demo-digits`` (natural): scikit-learn's handwritten digits, upscaled and coloured.
+* ``demo-textures`` (specialized): crops of scikit-learn's two sample photos; the class is which photo and quadrant.
+* ``demo-position`` (structured): one rendered shape; the class is its cell on a 3x3 grid (like dSprites location).
+* ``demo-count`` (structured): 1 to 4 rendered shapes; the class is how many (like CLEVR count).
+
+The upstream data (8 shape kinds at random places, sizes and colours over smooth noise) is generated from a fixed
+seed; the backbone trained on it is cached under the user cache folder and loaded through timm's local-file path.
+Everything is deterministic: the same seed gives the same images, bit for bit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from harness.api import ARTIFACTS, TASKS, ArtifactRequest, DataContext, Task
+
+SIZE = 32
+SPLITS = ("train800", "val200", "train800val200", "test")
+DATA_VERSION = 1
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "hbar", "vbar", "diamond")
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    return ys, xs
+
+
+def shape_mask(kind: str, cy: float, cx: float, r: float) -> np.ndarray:
+    """A boolean SIZE x SIZE mask of one shape centred at (cy, cx) with radius r."""
+    ys, xs = _grid()
+    dy, dx = ys - cy, xs - cx
+    if kind == "disc":
+        return dy**2 + dx**2 <= r**2
+    if kind == "square":
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if kind == "triangle":
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    if kind == "cross":
+        return ((np.abs(dy) <= r * 0.3) & (np.abs(dx) <= r)) | ((np.abs(dx) <= r * 0.3) & (np.abs(dy) <= r))
+    if kind == "ring":
+        d = np.sqrt(dy**2 + dx**2)
+        return (d <= r) & (d >= r * 0.55)
+    if kind == "hbar":
+        return (np.abs(dy) <= r * 0.35) & (np.abs(dx) <= r * 1.1)
+    if kind == "vbar":
+        return (np.abs(dx) <= r * 0.35) & (np.abs(dy) <= r * 1.1)
+    if kind == "diamond":
+        return np.abs(dy) + np.abs(dx) <= r
+    raise ValueError(kind)
+
+
+def smooth_noise(rng: np.random.Generator, scale: float = 0.25) -> np.ndarray:
+    """A SIZE x SIZE x 3 smooth random background in [0, 1]."""
+    coarse = rng.random((4, 4, 3)).astype(np.float32)
+    up = torch.nn.functional.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None], size=(SIZE, SIZE),
+                                         mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    base = rng.random(3).astype(np.float32)
+    return np.clip(base * (1 - scale) + up * scale + rng.normal(0, 0.03, (SIZE, SIZE, 3)), 0, 1)
+
+
+def paint(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
+    """Paint a shape in a random colour that stands out from the local background."""
+    colour = rng.random(3).astype(np.float32)
+    background = image[mask].mean(axis=0) if mask.any() else np.full(3, 0.5)
+    if np.abs(colour - background).sum() < 0.6:
+        colour = 1.0 - background
+    image[mask] = colour
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------- generators
+def gen_upstream(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Upstream pre-training data: which of the 8 shape kinds is drawn (1 main shape plus a small distractor)."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, SIZE, SIZE, 3), np.float32)
+    labels = rng.integers(0, len(SHAPES), n)
+    for i in range(n):
+        img = smooth_noise(rng)
+        r = rng.uniform(5, 10)
+        cy, cx = rng.uniform(r, SIZE - r, 2)
+        paint(img, shape_mask(SHAPES[labels[i]], cy, cx, r), rng)
+        images[i] = img
+    return to_uint8(images), labels.astype(np.int64)
+
+
+def gen_position(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, SIZE, SIZE, 3), np.float32)
+    labels = rng.integers(0, 9, n)
+    cell = SIZE / 3
+    for i in range(n):
+        img = smooth_noise(rng)
+        r = rng.uniform(2.5, 4.5)
+        row, col = divmod(int(labels[i]), 3)
+        cy = row * cell + rng.uniform(r, cell - r)
+        cx = col * cell + rng.uniform(r, cell - r)
+        paint(img, shape_mask(SHAPES[rng.integers(len(SHAPES))], cy, cx, r), rng)
+        images[i] = img
+    return to_uint8(images), labels.astype(np.int64)
+
+
+def gen_count(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, SIZE, SIZE, 3), np.float32)
+    labels = rng.integers(0, 4, n)  # class k means k + 1 objects
+    for i in range(n):
+        img = smooth_noise(rng)
+        taken = np.zeros((SIZE, SIZE), bool)
+        for _ in range(int(labels[i]) + 1):
+            for _attempt in range(50):
+                r = rng.uniform(2.5, 4)
+                cy, cx = rng.uniform(r, SIZE - r, 2)
+                mask = shape_mask(SHAPES[rng.integers(len(SHAPES))], cy, cx, r)
+                grown = shape_mask("disc", cy, cx, r + 2)
+                if not (grown & taken).any():
+                    break
+            taken |= mask
+            paint(img, mask, rng)
+        images[i] = img
+    return to_uint8(images), labels.astype(np.int64)
+
+
+def gen_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits (shipped with the package), upscaled to 32x32, in random colours."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits.target))[:n]
+    small = torch.from_numpy(digits.images[order].astype(np.float32) / 16.0)[:, None]
+    big = torch.nn.functional.interpolate(small, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    ink = big[:, 0].numpy()[..., None]
+    fg = rng.random((len(order), 1, 1, 3)).astype(np.float32)
+    bg = rng.random((len(order), 1, 1, 3)).astype(np.float32)
+    flip = np.abs(fg - bg).sum(axis=-1, keepdims=True) < 0.6
+    fg = np.where(flip, 1.0 - bg, fg)
+    images = bg * (1 - ink) + fg * ink + rng.normal(0, 0.03, (len(order), SIZE, SIZE, 3))
+    return to_uint8(images), digits.target[order].astype(np.int64)
+
+
+def gen_textures(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random 32x32 crops (at 1/4 scale) of scikit-learn's two sample photos; class = photo x quadrant."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [torch.from_numpy(p.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+              for p in load_sample_images().images]
+    photos = [torch.nn.functional.interpolate(p, scale_factor=0.25, mode="area")[0].permute(1, 2, 0).numpy()
+              for p in photos]
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 8, n)
+    images = np.zeros((n, SIZE, SIZE, 3), np.float32)
+    for i, label in enumerate(labels):
+        photo = photos[label // 4]
+        h, w = photo.shape[0] // 2, photo.shape[1] // 2
+        qy, qx = divmod(int(label % 4), 2)
+        y = qy * h + rng.integers(0, h - SIZE + 1)
+        x = qx * w + rng.integers(0, w - SIZE + 1)
+        crop = photo[y:y + SIZE, x:x + SIZE]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        images[i] = crop * rng.uniform(0.8, 1.2) + rng.normal(0, 0.02, crop.shape)
+    return to_uint8(images), labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------- caching
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock, so parallel jobs wait for one producer instead of all producing the same file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached_arrays(cache_dir: Path, key: str, make) -> dict[str, np.ndarray]:
+    path = cache_dir / "datasets" / "demo" / f"{key}-v{DATA_VERSION}.npz"
+    if not path.exists():
+        with file_lock(path.with_suffix(".lock")):
+            if not path.exists():
+                arrays = make()
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez_compressed(tmp, **arrays)
+                os.replace(tmp, path)
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def normalize(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+class DemoTask(Task):
+    family = "demo"
+    splits = SPLITS
+
+    def __init__(self, name: str, group: str, num_classes: int, generator, total: int, seed: int):
+        self.name, self.group, self.num_classes = name, group, num_classes
+        self.generator, self.total, self.seed = generator, total, seed
+
+    def arrays(self, cache_dir: Path) -> dict[str, np.ndarray]:
+        def make():
+            images, labels = self.generator(self.total, self.seed)
+            return {"images": images, "labels": labels}
+
+        return cached_arrays(cache_dir, f"{self.name}-{self.seed}-{self.total}", make)
+
+    def indices(self, split: str) -> slice:
+        return {"train800": slice(0, 800), "val200": slice(800, 1000), "train800val200": slice(0, 1000),
+                "test": slice(1000, self.total)}[split]
+
+    def dataset(self, split: str, ctx: DataContext, train: bool):
+        arrays = self.arrays(ctx.cache_dir)
+        sel = self.indices(split)
+        return TensorDataset(normalize(arrays["images"][sel]), torch.from_numpy(arrays["labels"][sel]))
+
+    def fingerprint(self, split: str, ctx: DataContext) -> str:
+        text = json.dumps([self.name, self.seed, self.total, DATA_VERSION, split])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class UpstreamTask(DemoTask):
+    """The generated upstream data (8 shape kinds x 4 quadrants) as a task, so pre-training stages (the demo
+    backbone, TOAST's pre-tuning) read it through the same interface as any dataset."""
+
+    splits = ("train", "val")
+
+    def __init__(self) -> None:
+        super().__init__("demo-upstream", "upstream", len(SHAPES) * 4, gen_upstream, UPSTREAM_IMAGES + 1000, seed=0)
+
+    def indices(self, split: str) -> slice:
+        return {"train": slice(0, UPSTREAM_IMAGES), "val": slice(UPSTREAM_IMAGES, self.total)}[split]
+
+
+UPSTREAM_IMAGES = 6000
+
+TASKS.add("demo-digits", DemoTask("demo-digits", "natural", 10, gen_digits, 1797, seed=1))
+TASKS.add("demo-textures", DemoTask("demo-textures", "specialized", 8, gen_textures, 2000, seed=2))
+TASKS.add("demo-position", DemoTask("demo-position", "structured", 9, gen_position, 2000, seed=3))
+TASKS.add("demo-count", DemoTask("demo-count", "structured", 4, gen_count, 2000, seed=4))
+TASKS.add("demo-upstream", UpstreamTask())
+
+
+# ---------------------------------------------------------------------------------------------------- backbone
+UPSTREAM = {"images": 6000, "seed": 0, "epochs": 12, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05}
+
+
+def upstream_dataset(cache_dir: Path) -> TensorDataset:
+    """The generated upstream classification data (8 shape kinds) used to pre-train the demo backbone."""
+    arrays = cached_arrays(cache_dir, f"upstream-{UPSTREAM['seed']}-{UPSTREAM['images']}",
+                           lambda: dict(zip(("images", "labels"), gen_upstream(UPSTREAM["images"], UPSTREAM["seed"]))))
+    return TensorDataset(normalize(arrays["images"]), torch.from_numpy(arrays["labels"]))
+
+
+@ARTIFACTS.register("demo-backbone")
+def demo_backbone(request: ArtifactRequest) -> Path:
+    """Pre-train the suite's backbone on the upstream data once; later calls return the cached weight file."""
+    spec = {"name": request.backbone["name"], "model_args": request.backbone.get("model_args") or {},
+            "upstream": UPSTREAM, "version": DATA_VERSION}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    path = request.cache_dir / "artifacts" / f"demo-backbone-{key}.pth"
+    if path.exists():
+        return path
+    with file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            _pretrain_backbone(spec, request.cache_dir, path)
+    return path
+
+
+def _pretrain_backbone(spec: dict[str, Any], cache_dir: Path, path: Path) -> None:
+    import timm
+    from tqdm.auto import tqdm
+
+    from harness.train import seed_everything, warmup_cosine
+
+    seed_everything(UPSTREAM["seed"])
+    model = timm.create_model(spec["name"], pretrained=False, num_classes=len(SHAPES), **spec["model_args"])
+    data = upstream_dataset(cache_dir)
+    loader = torch.utils.data.DataLoader(data, batch_size=UPSTREAM["batch_size"], shuffle=True,
+                                         generator=torch.Generator().manual_seed(UPSTREAM["seed"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=UPSTREAM["lr"], weight_decay=UPSTREAM["weight_decay"])
+    epochs = UPSTREAM["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: warmup_cosine(e + 1, 1, epochs + 1))
+    model.train()
+    bar = tqdm(range(epochs), desc="pre-training the demo backbone (once)", unit="ep")
+    for _ in bar:
+        correct = seen = 0
+        for images, labels in loader:
+            logits = model(images)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,66 @@
+"""Shared test fixtures: offline hub, a per-session cache, and tiny suites on the demo tasks."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let timm/peft reach for a hub (each retry costs ~50 s)
+os.environ.setdefault("HARNESS_DEVICE", "cpu")
+
+#: a tiny timm ViT for 32x32 images: fast enough for many trials per test
+TINY_BACKBONE: dict[str, Any] = {
+    "name": "vit_tiny_patch16_224",
+    "model_args": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    "weights": None,
+}
+
+TINY_SUITE: dict[str, Any] = {
+    "suite": "tiny",
+    "tasks": ["demo-digits", "demo-position"],
+    "methods": ["linear", "finetune"],
+    "backbone": TINY_BACKBONE,
+    "data": {"image_size": 32},
+    "train": {"epochs": 1, "batch_size": 100, "eval_batch_size": 500, "lr_scaling": "batch/256",
+              "warmup_epochs": 0},
+    "protocol": {"kind": "search-then-final", "search": {"train": "train800", "eval": "val200", "seed": 42},
+                 "final": {"train": "train800val200", "eval": "test"}, "seeds": [42, 44]},
+    "grids": {"linear": {"lr": [1.0, 0.1], "weight_decay": [0.0]},
+              "finetune": {"lr": [0.001, 0.0001], "weight_decay": [0.0]}},
+}
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("harness-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, session_cache, tmp_path):
+    """Every test gets its own results folder and shares one cache (generated datasets, demo weights)."""
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(session_cache))
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
+
+
+@pytest.fixture
+def make_suite(tmp_path):
+    """Write a suite file: ``make_suite(**changes)`` deep-merges changes into TINY_SUITE; returns its path."""
+
+    def make(name: str = "tiny", **changes: Any) -> Path:
+        raw = copy.deepcopy(TINY_SUITE)
+        raw["suite"] = name
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(raw.get(key), dict):
+                raw[key].update(value)
+            else:
+                raw[key] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return make
