@@ -150,7 +150,8 @@ class Suite:
 
     def spec_base(self) -> dict[str, Any]:
         """The parts of every trial spec that come from the suite (not from the cell or the grid point)."""
-        data = {k: v for k, v in self.data.items() if k != "root"}  # where data lives does not change a trial
+        # where data lives (root, per-task roots) does not change what a trial computes
+        data = {k: v for k, v in self.data.items() if k not in ("root", "roots")}
         return {
             "suite": self.name,
             "backbone": self.backbone,

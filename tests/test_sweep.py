@@ -1,0 +1,62 @@
+"""Suite files: loading, validation messages with file and line, overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.sweep import load_suite
+
+
+def test_demo_suite_loads():
+    suite = load_suite("demo")
+    assert suite.name == "demo"
+    assert suite.protocol["kind"] == "search-then-final"
+    assert set(suite.tasks) <= {"demo-digits", "demo-textures", "demo-position", "demo-count"}
+
+
+def test_unknown_suite_suggests():
+    with pytest.raises(HarnessError, match="unknown suite 'dmeo'; did you mean: demo"):
+        load_suite("dmeo")
+
+
+def test_malformed_key_names_file_line_and_key(make_suite):
+    path = make_suite(train={"epochs": "many"})
+    with pytest.raises(HarnessError) as err:
+        load_suite(str(path))
+    message = str(err.value)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "epochs" in text)
+    assert f"{path}:{line}: train.epochs: expected" in message
+
+
+def test_unknown_top_level_key_is_named_with_suggestion(make_suite):
+    path = make_suite(gridz={"linear": {"lr": [1]}})
+    with pytest.raises(HarnessError, match=r"gridz: unknown key; did you mean: grids"):
+        load_suite(str(path))
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("suite: x\ntasks: [a, b\nmethods: []\n")
+    with pytest.raises(HarnessError, match=r"broken.yaml:\d+: not valid YAML"):
+        load_suite(str(path))
+
+
+def test_grid_axes_must_be_lists(make_suite):
+    path = make_suite(grids={"linear": {"lr": 0.1}})
+    with pytest.raises(HarnessError, match=r"grids.linear.lr: expected a non-empty list"):
+        load_suite(str(path))
+
+
+def test_overrides_change_the_suite_and_are_recorded(make_suite):
+    suite = load_suite(str(make_suite()), epochs=3, seeds=1, grid_points=1,
+                       sets={"train.batch_size": 16}, data_root="/somewhere")
+    assert suite.train["epochs"] == 3 and suite.train["batch_size"] == 16
+    assert suite.seeds == [42]
+    assert suite.overrides == {"epochs": 3, "seeds": 1, "grid_points": 1, "set": {"train.batch_size": 16}}
+    assert "root" not in suite.spec_base()["data"]  # where data lives is not part of a trial
+
+
+def test_set_values_are_validated_again(make_suite):
+    with pytest.raises(HarnessError, match="train.epochs: expected"):
+        load_suite(str(make_suite()), sets={"train.epochs": "x"})
