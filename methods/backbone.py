@@ -56,14 +56,63 @@ def build_backbone(spec: dict[str, Any], resolve_artifact: Callable[[str], Path]
     if weights is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     if weights == "timm":
-        return timm.create_model(name, pretrained=True, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except OSError as err:  # the hub's "not found / offline" errors are OSErrors
+            raise HarnessError(f"cannot get timm's pretrained weights for '{name}' ({type(err).__name__}: "
+                               f"{_shorten(str(err), 300)}); without network, pass --weights PATH") from None
+    state = None if str(weights).endswith((".npz", ".npy")) else _read_state_dict(weights)
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
-    except RuntimeError as err:  # load_state_dict(strict=True) lists missing/unexpected keys
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+    except RuntimeError as err:  # load_state_dict lists size mismatches (and missing/unexpected keys if strict)
         text = str(err)
         if "Missing key" in text or "Unexpected key" in text or "size mismatch" in text:
             raise HarnessError(f"weights {weights} do not fit backbone '{name}': {_shorten(text)}") from None
         raise
+    if state is not None:
+        _check_keys(model, state, name, weights)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """The file's state dict as timm reads it (safetensors or torch; 'state_dict'/'model' nesting unwrapped)."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds for a file that is not a checkpoint
+        raise HarnessError(f"cannot read backbone weights {path} ({type(err).__name__}: {_shorten(str(err), 300)}); "
+                           "expected a .pth/.safetensors state dict") from None
+    if not isinstance(state, dict):
+        raise HarnessError(f"cannot read backbone weights {path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def _check_keys(model, state: dict[str, Any], name: str, path: Path) -> None:
+    """timm loads local weights non-strictly when the classifier is dropped (``num_classes=0``), so a file with
+    the wrong keys would silently leave random weights. Compare the keys the way timm loads them (after the model
+    family's own checkpoint filter), ignoring the pretrained classifier."""
+    import sys
+
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(dict(state), model)
+        except Exception:  # noqa: BLE001 - a filter that fails on odd keys: compare the raw keys instead
+            pass
+    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    expected = set(model.state_dict())
+    given = {k for k in state if not any(k.startswith(c + ".") for c in classifiers) or k in expected}
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        parts = [f"{len(keys)} {kind} key(s): {_list(keys)}" for kind, keys in
+                 (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise HarnessError(f"weights {path} do not fit backbone '{name}': {'; '.join(parts)}")
+
+
+def _list(keys: list[str], limit: int = 10) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _shorten(text: str, limit: int = 1500) -> str:

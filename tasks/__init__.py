@@ -10,6 +10,32 @@ INDEX: dict[str, str] = {
     "demo-position": "tasks.demo",
     "demo-count": "tasks.demo",
     "demo-upstream": "tasks.demo",
+    # FGVC, VPT's JSON splits (tasks/fgvc.py)
+    "fgvc-cub": "tasks.fgvc",
+    "fgvc-nabirds": "tasks.fgvc",
+    "fgvc-flowers": "tasks.fgvc",
+    "fgvc-dogs": "tasks.fgvc",
+    "fgvc-cars": "tasks.fgvc",
+    # VTAB-1k, image-folder export; vtab-<folder> (tasks/vtab.py)
+    "vtab-cifar": "tasks.vtab",
+    "vtab-caltech101": "tasks.vtab",
+    "vtab-dtd": "tasks.vtab",
+    "vtab-oxford_flowers102": "tasks.vtab",
+    "vtab-oxford_iiit_pet": "tasks.vtab",
+    "vtab-svhn": "tasks.vtab",
+    "vtab-sun397": "tasks.vtab",
+    "vtab-patch_camelyon": "tasks.vtab",
+    "vtab-eurosat": "tasks.vtab",
+    "vtab-resisc45": "tasks.vtab",
+    "vtab-diabetic_retinopathy": "tasks.vtab",
+    "vtab-clevr_count": "tasks.vtab",
+    "vtab-clevr_dist": "tasks.vtab",
+    "vtab-dmlab": "tasks.vtab",
+    "vtab-kitti": "tasks.vtab",
+    "vtab-dsprites_loc": "tasks.vtab",
+    "vtab-dsprites_ori": "tasks.vtab",
+    "vtab-smallnorb_azi": "tasks.vtab",
+    "vtab-smallnorb_ele": "tasks.vtab",
 }
 
 #: artifacts (weights, checkpoints) that task families know how to make: name -> registering module
