@@ -1,4 +1,5 @@
-"""Executors decide where cells run. ``inline`` runs them in this process, one after another.
+"""Executors decide where cells run. ``inline`` runs them in this process, one after another; ``local`` (worker
+processes) and ``slurm`` (job arrays, submit and return) live in :mod:`harness.slurm`.
 
 Every executor runs whole cells through :func:`harness.runner.run_cell`, so each trial lands as its own record and
 a restarted cell resumes at its first missing trial. An executor is a function
@@ -49,4 +50,19 @@ def run_inline(suite: Suite, cells: list[Cell], store: Store, env: TrialEnv, arg
     return 1 if failures else 0
 
 
-EXECUTORS: dict[str, Executor] = {"inline": run_inline}
+def run_local(*args: Any, **kwargs: Any) -> int:
+    from harness.slurm import run_local as run  # submitit is imported only when used
+
+    return run(*args, **kwargs)
+
+
+def run_slurm(*args: Any, **kwargs: Any) -> int:
+    from harness.slurm import run_slurm as run
+
+    return run(*args, **kwargs)
+
+
+#: an executor that only submits (and returns before the trials ran) says so; `harness run` then prints no table
+run_slurm.returns_before_done = True  # type: ignore[attr-defined]
+
+EXECUTORS: dict[str, Executor] = {"inline": run_inline, "local": run_local, "slurm": run_slurm}

@@ -176,6 +176,14 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+#: suite keys that say where or how to run, not what a trial computes: --set on them is not a trial override
+NOT_TRIAL_KEYS = ("description", "task_lists", "executor", "slurm", "data.root", "data.roots")
+
+
+def _outside_trials(dotted: str) -> bool:
+    return any(dotted == key or dotted.startswith(key + ".") for key in NOT_TRIAL_KEYS)
+
+
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """``--set key=value`` pairs; values are parsed as YAML (numbers, lists, booleans)."""
     out: dict[str, Any] = {}
@@ -236,7 +244,9 @@ def load_suite(
     if sets:
         for key, value in sets.items():
             _set_dotted(raw, key, value)
-        overrides["set"] = dict(sorted(sets.items()))
+        trial_sets = {k: v for k, v in sets.items() if not _outside_trials(k)}
+        if trial_sets:
+            overrides["set"] = dict(sorted(trial_sets.items()))
     if data_root is not None:  # not an override of the trial: only where the data lives
         raw.setdefault("data", {})["root"] = data_root
     suite.overrides = overrides

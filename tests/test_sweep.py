@@ -60,3 +60,10 @@ def test_overrides_change_the_suite_and_are_recorded(make_suite):
 def test_set_values_are_validated_again(make_suite):
     with pytest.raises(HarnessError, match="train.epochs: expected"):
         load_suite(str(make_suite()), sets={"train.epochs": "x"})
+
+
+def test_set_on_where_to_run_keys_is_not_a_trial_override(make_suite):
+    suite = load_suite(str(make_suite()), sets={"slurm.partition": "gpu", "data.roots.demo-digits": "/x",
+                                                "train.epochs": 2})
+    assert suite.raw["slurm"]["partition"] == "gpu"
+    assert suite.overrides == {"set": {"train.epochs": 2}}

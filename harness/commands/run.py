@@ -19,6 +19,9 @@ examples:
   harness run --suite demo --epochs 2 --seeds 1 --grid-points 1      # a smoke run (kept apart from full runs)
   harness run --suite vtab --tasks vtab-paper --data-root ~/data/vtab-1k --dry-run
   harness run --suite demo --set train.batch_size=32 --set grids.linear.lr=[1.0,0.1]
+  harness run --suite demo --executor local --workers 2               # cells as parallel local processes
+  harness run --suite fgvc --methods toast,lora --executor slurm --partition gpu --gpus 1 --time 600
+  harness run --suite vtab --executor slurm --sbatch constraint=a100 --setup 'module load cuda'
 """
 
 
@@ -27,12 +30,35 @@ def add_parser(sub) -> None:
                             formatter_class=formatter)
     add_suite_args(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the planned cells and trial counts; run nothing")
-    parser.add_argument("--executor", default="inline", help="where cells run: inline (default)")
+    parser.add_argument("--executor", default="inline",
+                        help="where cells run: inline (default, this process), local (parallel processes, waits), "
+                             "slurm (job arrays; submits and returns)")
     parser.add_argument("--keep-weights", action="store_true",
                         help="save each trial's trained (trainable) weights next to its record")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    add_cluster_args(parser)
     parser.set_defaults(func=main)
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """Job settings for --executor local/slurm; each overrides the suite's slurm:/executor: section."""
+    group = parser.add_argument_group("jobs (--executor local / slurm; override the suite's slurm: section)")
+    group.add_argument("--partition", help="SLURM partition")
+    group.add_argument("--account", help="SLURM account")
+    group.add_argument("--qos", help="SLURM quality of service")
+    group.add_argument("--time", type=int, metavar="MIN", help="time limit per job (one cell), minutes (default 240)")
+    group.add_argument("--gpus", type=int, help="GPUs per job")
+    group.add_argument("--cpus", type=int, help="CPUs per job (also torch's thread count in the job)")
+    group.add_argument("--mem-gb", type=float, help="memory per job, GB")
+    group.add_argument("--array-parallelism", type=int, metavar="N", help="at most N array jobs running at once")
+    group.add_argument("--sbatch", action="append", metavar="KEY=VALUE", default=[],
+                       help="extra #SBATCH line, e.g. gres=gpu:a100:1 or hold=true; repeatable")
+    group.add_argument("--setup", action="append", metavar="LINE", default=[],
+                       help="shell line run before the job (e.g. 'module load cuda'); repeatable")
+    group.add_argument("--workers", type=int, metavar="N", help="--executor local: processes at once")
+    group.add_argument("--code-check", choices=("refuse", "warn"),
+                       help="a job whose code changed since submission refuses to run (default) or warns")
 
 
 def plan_summary(suite, cells, store) -> tuple[list[dict], int]:
@@ -78,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
         code = 0
     else:
         code = EXECUTORS[args.executor](suite, cells, store, env, args, total_pending=pending)
-    if not args.no_table and args.executor == "inline":
+    if not args.no_table and not getattr(EXECUTORS[args.executor], "returns_before_done", False):
         from harness.table import build_table
 
         print()

@@ -1,4 +1,6 @@
-"""``harness status``: per cell, how many trials are done, diverged, failed or pending (from the records)."""
+"""``harness status``: per cell, how many trials are done, diverged, failed or pending (from the records), merged
+with the cell's latest local/SLURM job (squeue, sacct and its log): done / running / pending / failed. For a failed
+cell it prints the job's log path and the last lines of its error. It never waits on a job."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ from tabulate import tabulate
 
 from harness.commands import add_suite_args, formatter, store_from_args, suite_from_args
 from harness.plan import plan_cells, select_names
-from harness.runner import cell_status
+from harness.slurm import cell_reports
 
 EXAMPLES = """\
 examples:
   harness status --suite demo
   harness status --suite vtab --methods 'toast*'
+  harness status --suite demo --epochs 2 --seeds 1 --grid-points 1     # the same overrides as the run
 """
 
 
@@ -28,15 +31,26 @@ def main(args: argparse.Namespace) -> int:
     suite = suite_from_args(args)
     methods, tasks = select_names(suite, args.methods, args.tasks)
     store = store_from_args(args)
+    reports, warning = cell_reports(suite, plan_cells(methods, tasks), store)
+    with_jobs = any(r.job for r in reports)
     rows = []
-    for cell in plan_cells(methods, tasks):
-        counts = cell_status(suite, cell, store)
-        state = "done" if counts["pending"] == 0 and counts["failed"] == 0 else (
-            "failed" if counts["failed"] else "pending")
-        rows.append({"cell": cell.key, "state": state, **counts})
+    for r in reports:
+        row = {"cell": r.cell.key, "state": r.state, **r.counts}
+        if with_jobs:
+            row["job"] = f"{r.job.job_id} {r.job.state}" if r.job else ""
+        rows.append(row)
     print(tabulate(rows, headers="keys", tablefmt="simple"))
-    totals = {k: sum(r[k] for r in rows) for k in ("done", "diverged", "failed", "pending")}
+    states = {s: sum(r.state == s for r in reports) for s in ("done", "running", "pending", "failed")}
+    totals = {k: sum(r.counts[k] for r in reports) for k in ("done", "diverged", "failed", "pending")}
     print(f"\n{len(rows)} cells: " + ", ".join(f"{v} {k}" for k, v in totals.items()))
+    print("cells by state: " + ", ".join(f"{v} {k}" for k, v in states.items() if v))
+    for r in reports:
+        if r.state == "failed":
+            print(f"\nfailed: {r.cell.key}: {r.reason}")
+            for line in r.details:
+                print(f"    {line}")
+    if warning:
+        print(f"warning: {warning}")
     for problem in store.problems:
         print(f"warning: {problem}")
     return 0
