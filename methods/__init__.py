@@ -7,6 +7,9 @@ importing torch-heavy code. Adding a method: write its file, add its names here.
 INDEX: dict[str, str] = {
     "linear": "methods.linear",
     "finetune": "methods.finetune",
+    "vpt-deep": "methods.vpt",
+    "vpt-shallow": "methods.vpt",
+    "lora": "methods.lora",
 }
 
 #: artifacts (weights, checkpoints) that methods know how to make: name -> registering module

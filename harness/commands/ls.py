@@ -1,15 +1,22 @@
-"""``harness ls``: the registered methods, tasks and suites (fnmatch wildcards)."""
+"""``harness ls``: the registered methods, tasks and suites (fnmatch wildcards).
+
+With ``--backbone``, ``ls methods`` also builds every listed method on that timm backbone with random weights
+(nothing is downloaded, pre-tuned checkpoints are not resolved) and prints its parameter counts and forward GFLOPs
+per image. '# trainable (M)' excludes the task head, as the tables' '# params (M)' column does.
+"""
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+from typing import Any
 
 from tabulate import tabulate
 
 from harness.api import METHODS, TASKS
 from harness.commands import formatter
-from harness.sweep import available_suites, load_suite
+from harness.errors import HarnessError, UnknownNameError
+from harness.sweep import available_suites, load_suite, parse_set
 
 EXAMPLES = """\
 examples:
@@ -17,6 +24,9 @@ examples:
   harness ls methods 'toast*'
   harness ls tasks 'demo-*'
   harness ls suites
+  harness ls methods --backbone vit_base_patch16_224                  # + parameter counts and GFLOPs
+  harness ls methods --backbone vit_base_patch16_224 --num-classes 200 --set prompt_length=100
+  harness ls methods 'vpt*' --backbone vit_base_patch16_224 --task vtab-cifar   # the task's defaults
 """
 
 
@@ -25,6 +35,14 @@ def add_parser(sub) -> None:
                             formatter_class=formatter)
     parser.add_argument("what", nargs="?", default="all", choices=("all", "methods", "tasks", "suites"))
     parser.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on names (default: *)")
+    cost = parser.add_argument_group("methods: cost on a reference backbone (random weights, no download)")
+    cost.add_argument("--backbone", help="timm model name, e.g. vit_base_patch16_224: adds parameter counts")
+    cost.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default: 100)")
+    cost.add_argument("--task", help="build with this task's class count and per-task defaults (e.g. prompt length)")
+    cost.add_argument("--image-size", type=int, help="input size for FLOPs (default: the backbone's)")
+    cost.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                      help="a hyperparameter for every method that has it, e.g. prompt_length=100; repeatable")
+    cost.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.set_defaults(func=main)
 
 
@@ -32,13 +50,56 @@ def _pick(names: list[str], pattern: str) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
-def list_methods(pattern: str) -> str:
+def list_methods(pattern: str, args: argparse.Namespace | None = None) -> str:
+    backbone = getattr(args, "backbone", None)
     rows = []
     for name in _pick(METHODS.names(), pattern):
         m = METHODS.get(name)
-        rows.append({"method": name, "family": m.family, "optimizer": m.optimizer,
-                     "needs": ", ".join(m.needs) or "-", "description": m.description})
-    return tabulate(rows, headers="keys", tablefmt="simple")
+        row: dict[str, Any] = {"method": name, "family": m.family, "optimizer": m.optimizer,
+                               "needs": ", ".join(m.needs) or "-"}
+        if backbone:
+            row.update(_cost_row(m, args))
+        row["description"] = m.description
+        rows.append(row)
+    text = tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True)
+    if backbone:
+        classes = args.num_classes if not args.task else f"{TASKS.get(args.task).num_classes} ({args.task})"
+        text += (f"\n\non {backbone} with random weights, {classes} classes; '# trainable' excludes the head; "
+                 "the paper's '# Params' is trainable + head")
+    return text
+
+
+def _cost_row(method, args: argparse.Namespace) -> dict[str, Any]:
+    """Counts of one method on ``args.backbone``; a method that cannot build says why instead of failing."""
+    from harness.cost import method_cost
+
+    num_classes, hparams = args.num_classes, {}
+    if args.task:
+        task = TASKS.get(args.task)
+        num_classes, hparams = task.num_classes, method.defaults_for(task)
+    for key, value in parse_set(args.set).items():
+        if key in method.defaults or key in hparams:
+            hparams[key] = value
+    try:
+        cost = method_cost(method, {"name": args.backbone, "weights": None}, num_classes, hparams=hparams,
+                           image_size=args.image_size, flops=not args.no_flops)
+    except Exception as err:  # noqa: BLE001 - one broken method must not hide the others
+        message = " ".join(str(err).split())
+        row = {"# trainable (M)": f"cannot build: {type(err).__name__}: {message[:120]}", "head (M)": "",
+               "total (M)": ""}
+        return row if args.no_flops else dict(row, GFLOPs="")
+    row = {"# trainable (M)": f"{cost['trainable'] / 1e6:.3f}", "head (M)": f"{cost['head'] / 1e6:.3f}",
+           "total (M)": f"{cost['total'] / 1e6:.2f}"}
+    if not args.no_flops:
+        row["GFLOPs"] = f"{cost['flops'] / 1e9:.2f}" if cost["flops"] is not None else "–"
+    return row
+
+
+def _check_backbone(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        raise UnknownNameError("timm backbone", name, timm.list_models())
 
 
 def list_tasks(pattern: str) -> str:
@@ -61,7 +122,13 @@ def list_suites(pattern: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    parts = {"methods": list_methods, "tasks": list_tasks, "suites": list_suites}
+    if getattr(args, "backbone", None):
+        if args.what != "methods":
+            raise HarnessError("--backbone goes with 'harness ls methods'")
+        _check_backbone(args.backbone)
+        if args.task:
+            TASKS.get(args.task)  # an unknown task is one clear error, not one per row
+    parts = {"methods": lambda p: list_methods(p, args), "tasks": list_tasks, "suites": list_suites}
     chosen = parts if args.what == "all" else {args.what: parts[args.what]}
     for title, show in chosen.items():
         if args.what == "all":

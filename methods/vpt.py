@@ -1,0 +1,184 @@
+"""Visual Prompt Tuning (Jia et al. 2022), deep and shallow, on timm ViTs (PROTOCOL.md §2).
+
+The ViT is not copied: :class:`PromptedViT` calls the timm model's own ``patch_embed``, ``_pos_embed``,
+``patch_drop``, ``norm_pre``, ``blocks`` and ``norm`` and inserts the prompt tokens itself, as official VPT's
+``PromptedTransformer`` does:
+
+* p prompt tokens go right after the prefix tokens (CLS, and any register tokens): ``[CLS, (reg), P, patches]``.
+  Prompts get no position embedding (they are inserted after ``_pos_embed``).
+* Shallow: inserted once, before the first block. Deep: before every block i >= 1 the p prompt outputs of block
+  i-1 are *replaced* by the learned prompts of layer i (``deep_prompt_embeddings[i-1]``).
+* Init uniform in +-sqrt(6 / (3 * patch_h * patch_w + d)) (0.0625 for ViT-B/16), patch size read from the backbone.
+* Dropout on the prompt embeddings (0.1 deep, 0 shallow, as VPT's demo.ipynb).
+* Output: the CLS token after the backbone's final norm, then a linear head.
+* The backbone is frozen and kept in eval mode while training (official VPT); ``frozen_eval: false`` leaves
+  dropout/drop-path of the frozen backbone on, as the TOAST repo's VPT baseline does.
+
+Prompt length: ``prompt_length`` hyperparameter. Per-task defaults for the 19 VTAB-1k tasks come from PROTOCOL.md §2
+(a reimplementation's VPT-deep table, consistent with VPT's demo.ipynb); the same table is used for shallow, since
+VPT's own per-task shallow lengths are only in an external sheet. Task names are matched on their folder name
+(``vtab-cifar``, ``vtab_cifar``, ``cifar`` with family ``vtab``; common aliases such as ``cifar100`` or ``pets``).
+FGVC tasks default to 100 (the TOAST repo's ``cub.yaml``; also what makes the paper's "VPT 0.9M" on ViT-B: 12 x 100
+x 768 = 0.92M). Anything else defaults to 10. A suite overrides it with ``settings: {vpt-deep: {prompt_length: 4}}``
+(or per task under ``per_task``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.api import METHODS, BuildContext, Method, Task
+from harness.errors import HarnessError
+from methods.common import feature_dim, freeze, make_head
+
+#: VPT-deep prompt lengths on VTAB-1k, keyed by the VTAB-1k folder name (PROTOCOL.md §2 and §4b)
+VTAB_PROMPT_LENGTH: dict[str, int] = {
+    "cifar": 10, "caltech101": 10, "dtd": 10, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 50,
+    "sun397": 5,
+    "patch_camelyon": 100, "eurosat": 100, "resisc45": 10, "diabetic_retinopathy": 1,
+    "clevr_count": 100, "clevr_dist": 200, "dmlab": 100, "kitti": 100, "dsprites_loc": 100, "dsprites_ori": 100,
+    "smallnorb_azi": 200, "smallnorb_ele": 200,
+}
+#: other spellings of the VTAB tasks seen in the field (NOAH/SSF dataset keys, TFDS names)
+VTAB_ALIASES: dict[str, str] = {
+    "cifar100": "cifar", "caltech": "caltech101", "flowers102": "oxford_flowers102", "flowers": "oxford_flowers102",
+    "oxford_pet": "oxford_iiit_pet", "pets": "oxford_iiit_pet", "pet": "oxford_iiit_pet",
+    "svhn_cropped": "svhn", "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy",
+    "diabetic_retinopathy_detection": "diabetic_retinopathy",
+}
+#: default prompt length by task family when a task has no entry of its own
+FAMILY_PROMPT_LENGTH: dict[str, int] = {"fgvc": 100}
+DEFAULT_PROMPT_LENGTH = 10
+_VTAB_PREFIXES = ("vtab-1k-", "vtab1k-", "vtab-1k_", "vtab1k_", "vtab-", "vtab_", "vtab/", "vtab:")
+
+
+def vtab_folder(task_name: str) -> str | None:
+    """The VTAB-1k folder name a task name refers to, or None (``vtab-clevr-count`` -> ``clevr_count``)."""
+    key = task_name.lower()
+    for prefix in _VTAB_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    key = key.replace("-", "_")
+    key = VTAB_ALIASES.get(key, key)
+    return key if key in VTAB_PROMPT_LENGTH else None
+
+
+def default_prompt_length(task: Task) -> int:
+    family = (task.family or "").lower()
+    if family.startswith("vtab") or task.name.lower().startswith("vtab"):
+        folder = vtab_folder(task.name)
+        if folder is not None:
+            return VTAB_PROMPT_LENGTH[folder]
+    return FAMILY_PROMPT_LENGTH.get(family, DEFAULT_PROMPT_LENGTH)
+
+
+def prompt_init_bound(patch_size: tuple[int, int], dim: int) -> float:
+    """VPT's "xavier uniform" bound sqrt(6 / (3 * patch_h * patch_w + d))."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
+
+
+class PromptedViT(nn.Module):
+    """A frozen timm ViT with VPT prompts and a linear head on the final-norm CLS token."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, prompt_length: int, deep: bool,
+                 dropout: float = 0.0, frozen_eval: bool = True):
+        super().__init__()
+        missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm") if not hasattr(backbone, a)]
+        if missing:
+            raise HarnessError(f"VPT needs a timm VisionTransformer-style backbone; {type(backbone).__name__} "
+                               f"has no {', '.join(missing)}")
+        if getattr(backbone, "cls_token", None) is None:
+            raise HarnessError(f"VPT pools the CLS token, but backbone {type(backbone).__name__} has no class token")
+        if int(prompt_length) < 1:
+            raise HarnessError(f"VPT prompt_length must be >= 1, got {prompt_length}")
+        self.backbone = backbone
+        self.prompt_length = int(prompt_length)
+        self.deep = bool(deep)
+        self.frozen_eval = bool(frozen_eval)
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 1))
+        dim = feature_dim(backbone)
+        patch = tuple(getattr(backbone.patch_embed, "patch_size", (16, 16)))
+        bound = prompt_init_bound((int(patch[0]), int(patch[-1])), dim)
+        self.prompt_embeddings = nn.Parameter(torch.empty(1, self.prompt_length, dim))
+        nn.init.uniform_(self.prompt_embeddings, -bound, bound)
+        if self.deep:
+            depth = len(backbone.blocks)
+            self.deep_prompt_embeddings = nn.Parameter(torch.empty(max(0, depth - 1), self.prompt_length, dim))
+            nn.init.uniform_(self.deep_prompt_embeddings, -bound, bound)
+        self.prompt_dropout = nn.Dropout(float(dropout))
+        self.head = make_head(dim, num_classes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's own embedding steps (patches, CLS/register tokens, position embedding, pre-norm)."""
+        bb = self.backbone
+        x = bb.patch_embed(images)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x) if hasattr(bb, "patch_drop") else x
+        return bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
+
+    def _with_prompts(self, x: torch.Tensor, prompts: torch.Tensor, replace: bool) -> torch.Tensor:
+        n, p = self.num_prefix_tokens, self.prompt_length
+        prompts = self.prompt_dropout(prompts.expand(x.shape[0], -1, -1))
+        rest = x[:, n + p:] if replace else x[:, n:]
+        return torch.cat([x[:, :n], prompts, rest], dim=1)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm: ``[prefix, prompts, patches]``."""
+        x = self._with_prompts(self.embed(images), self.prompt_embeddings, replace=False)
+        for i, block in enumerate(self.backbone.blocks):
+            if self.deep and i > 0:
+                x = self._with_prompts(x, self.deep_prompt_embeddings[i - 1 : i], replace=True)
+            x = block(x)
+        return self.backbone.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cls = self.forward_features(images)[:, 0]
+        fc_norm = getattr(self.backbone, "fc_norm", None)
+        return self.head(fc_norm(cls) if fc_norm is not None else cls)
+
+    def train(self, mode: bool = True) -> "PromptedViT":
+        super().train(mode)
+        if mode and self.frozen_eval:
+            self.backbone.eval()
+        return self
+
+
+class _VPT(Method):
+    family = "prompt"
+    optimizer = "sgd"
+    warmup_epochs = 10
+    # PROTOCOL.md §3.2 (VPT and TOAST tune_vtab.py); base lrs, scaled by batch/256 where the suite says so
+    grid = {"lr": [5, 2.5, 1, 50, 25, 10, 0.5, 0.25, 0.1, 0.05], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
+    deep: bool = True
+    defaults: dict[str, Any] = {}
+
+    def defaults_for(self, task: Task) -> dict[str, Any]:
+        return dict(self.defaults, prompt_length=default_prompt_length(task))
+
+    def build(self, backbone: nn.Module, num_classes: int, ctx: BuildContext) -> nn.Module:
+        hp = {**self.defaults, **ctx.hparams}
+        freeze(backbone)
+        return PromptedViT(backbone, num_classes, prompt_length=int(hp["prompt_length"]),
+                           deep=self.deep, dropout=float(hp["prompt_dropout"]),
+                           frozen_eval=bool(hp["frozen_eval"]))
+
+
+@METHODS.register("vpt-deep")
+class VPTDeep(_VPT):
+    name = "vpt-deep"
+    description = "frozen ViT; learned prompt tokens replaced before every block (VPT-deep) + linear head"
+    deep = True
+    defaults = {"prompt_length": DEFAULT_PROMPT_LENGTH, "prompt_dropout": 0.1, "frozen_eval": True}
+
+
+@METHODS.register("vpt-shallow")
+class VPTShallow(_VPT):
+    name = "vpt-shallow"
+    description = "frozen ViT; learned prompt tokens inserted once at the input (VPT-shallow) + linear head"
+    deep = False
+    defaults = {"prompt_length": DEFAULT_PROMPT_LENGTH, "prompt_dropout": 0.0, "frozen_eval": True}

@@ -1,0 +1,165 @@
+"""Cost accounting: parameter counts, forward FLOPs (attention on the CPU included), peak memory, the cost fields
+of a trial record, the table's cost columns and ``harness ls methods --backbone``."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from conftest import TINY_BACKBONE
+from torch import nn
+
+from harness.api import METHODS, Method
+from harness.cost import PeakMemory, forward_flops, method_cost, parameter_counts
+from methods.backbone import build_backbone
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(48, 8)
+        self.extra = nn.Linear(8, 8, bias=False)
+        self.tied = nn.Linear(8, 8, bias=False)
+        self.tied.weight = self.extra.weight  # shared: counted once
+        self.head = nn.Linear(8, 3)
+        self.body.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.tied(self.extra(self.body(x.flatten(1)))))
+
+
+def test_parameter_counts_split_head_and_count_shared_tensors_once() -> None:
+    model = _Toy()
+    assert parameter_counts(model) == {"trainable": 64, "head": 27, "total": 48 * 8 + 8 + 64 + 27}
+    model.head.requires_grad_(False)  # the head is the head whether or not it trains
+    assert parameter_counts(model)["head"] == 27
+
+
+def test_forward_flops_per_image() -> None:
+    # 2 FLOPs per multiply-add, at batch 1: 2 * (48*8 + 8*8 + 8*8 + 8*3)
+    assert forward_flops(_Toy(), image_size=4) == 2 * (48 * 8 + 8 * 8 + 8 * 8 + 8 * 3)
+
+
+def test_forward_flops_count_attention_on_the_cpu() -> None:
+    """torch's counter only knows SDPA's CUDA kernels; the CPU kernel must count the same as the unfused matmuls."""
+    torch.manual_seed(0)
+    fused = build_backbone(TINY_BACKBONE)
+    unfused = build_backbone(TINY_BACKBONE)
+    for block in unfused.blocks:
+        block.attn.fused_attn = False
+    assert fused.blocks[0].attn.fused_attn
+    tokens, dim, depth, patches = 17, 32, 2, 16  # 32x32 image, patch 8, CLS + 16 patches
+    patch_embed = 2 * patches * (3 * 8 * 8) * dim
+    linears = 2 * tokens * dim * (3 * dim + dim + 4 * dim + 4 * dim)  # qkv, proj, fc1, fc2
+    attention = 2 * (2 * tokens * tokens * dim)  # q @ k^T and attn @ v
+    expected = patch_embed + depth * (linears + attention)
+    assert forward_flops(unfused, 32) == expected
+    assert forward_flops(fused, 32) == expected
+
+
+def test_forward_flops_with_parameter_views_into_submodules() -> None:
+    """A trainable parameter expanded under no_grad and passed into a submodule (VPT's prompts into its dropout)
+    breaks the counter's module tracker; the count falls back to a forward with autograd on."""
+
+    class Prompted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.prompt = nn.Parameter(torch.ones(1, 4))
+            self.drop = nn.Dropout(0.1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.drop(self.prompt.expand(x.shape[0], -1)))
+
+    assert forward_flops(Prompted(), 8) == 2 * 4 * 2
+
+
+def test_peak_memory_on_cpu_is_rss_growth() -> None:
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(64, 1024, 1024)  # 256 MiB, touched
+        memory.sample()
+        del block
+    result = memory.result()
+    assert result["peak_memory_kind"] == "cpu_rss_delta"
+    assert result["peak_memory_bytes"] >= 200 * 2**20
+
+
+def test_a_trial_record_carries_its_cost_and_the_table_shows_it(make_suite, tmp_path) -> None:
+    from harness.plan import Cell, make_spec
+    from harness.store import Store
+    from harness.sweep import load_suite
+    from harness.table import build_table
+    from harness.train import TrialEnv, run_trial
+
+    suite = load_suite(str(make_suite(methods=["lora"], grids={"lora": {"lr": [0.5], "weight_decay": [0.0]}})))
+    spec = make_spec(suite, Cell("lora", "demo-digits"), "final",
+                     {**METHODS.get("lora").defaults, "lr": 0.5, "weight_decay": 0.0}, seed=42)
+    record = run_trial(spec, TrialEnv(cache_dir=tmp_path / "cache", progress=False))
+    assert record["status"] == "ok", record.get("error")
+    params, cost = record["params"], record["cost"]
+    assert params == {"trainable": 2 * 4 * (32 + 96), "head": 33 * 10, "total": params["total"]}
+    assert params["total"] > params["trainable"] + params["head"]
+    assert cost["forward_flops"] > 0 and cost["train_images_per_s"] > 0 and cost["train_seconds"] > 0
+    assert cost["peak_memory_kind"] == "cpu_rss_delta" and cost["peak_memory_bytes"] >= 0
+    assert record["wall_time_s"] >= cost["train_seconds"]
+
+    store = Store(tmp_path / "results")
+    store.write(record)
+    text = build_table(suite, store, tasks=["demo-digits"], extra=("params", "flops", "throughput", "memory"))
+    header, _, row = text.splitlines()[:3]
+    for column in ("# params (M)", "GFLOPs/img", "train img/s", "peak mem (MB)"):
+        assert column in header
+    assert "lora" in row and "0.001" in row  # 1,024 trainable parameters without the head, in M
+    assert "# params (M)" in build_table(suite, store, tasks=["demo-digits"]).splitlines()[0]
+
+
+def test_ls_methods_prints_counts_and_explains_failures(monkeypatch, capsys) -> None:
+    from harness.commands import ls
+
+    class Broken(Method):
+        name = "broken-for-test"
+
+        def build(self, backbone, num_classes, ctx):
+            raise RuntimeError("no such thing")
+
+    monkeypatch.setitem(METHODS._entries, "broken-for-test", Broken())
+    args = argparse.Namespace(what="methods", pattern="[lb]*", backbone="vit_base_patch16_224", num_classes=100,
+                              task=None, image_size=None, set=["prompt_length=100"], no_flops=False)
+    assert ls.main(args) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line and line.split()[0] in
+            ("linear", "lora", "broken-for-test")}
+    assert "0.147" in rows["lora"] and "0.077" in rows["lora"] and "35.18" in rows["lora"]
+    assert "0.000" in rows["linear"] and "85.88" in rows["linear"] and "35.13" in rows["linear"]
+    assert "cannot build: RuntimeError: no such thing" in rows["broken-for-test"]
+
+
+def test_method_cost_falls_back_to_the_cpu() -> None:
+    """A method that cannot build on the meta device is built for real on the CPU."""
+
+    class NeedsRealTensors(Method):
+        name = "real-only"
+        defaults = {}
+
+        def build(self, backbone, num_classes, ctx):
+            assert ctx.random_init
+            if next(backbone.parameters()).is_meta:
+                raise NotImplementedError("needs data")
+            from methods.common import BackboneClassifier
+
+            return BackboneClassifier(backbone, num_classes)
+
+    cost = method_cost(NeedsRealTensors(), TINY_BACKBONE, 10)
+    assert cost["device"] == "cpu" and cost["head"] == 330 and cost["flops"] > 0
+
+
+@pytest.mark.parametrize("bad", ["no_such_backbone"])
+def test_ls_methods_rejects_an_unknown_backbone(bad: str) -> None:
+    from harness.commands import ls
+    from harness.errors import HarnessError
+
+    args = argparse.Namespace(what="methods", pattern="*", backbone=bad, num_classes=100, task=None,
+                              image_size=None, set=[], no_flops=True)
+    with pytest.raises(HarnessError, match="unknown timm backbone"):
+        ls.main(args)
