@@ -9,7 +9,7 @@ import sys
 
 from harness.errors import HarnessError
 
-COMMANDS = ("run", "table", "status", "ls", "data")
+COMMANDS = ("run", "table", "status", "ls", "pretune", "attention", "data")
 
 DESCRIPTION = """\
 Benchmark transfer-learning methods (linear probe, fine-tune, VPT, LoRA, TOAST, ...) on vision suites

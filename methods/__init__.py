@@ -10,7 +10,14 @@ INDEX: dict[str, str] = {
     "vpt-deep": "methods.vpt",
     "vpt-shallow": "methods.vpt",
     "lora": "methods.lora",
+    "toast": "methods.toast",
+    "toast-lite": "methods.toast",
+    "toast-early": "methods.toast",
+    "toast-late": "methods.toast",
+    "toast-nopretune": "methods.toast",
+    "toast-notoken": "methods.toast",
+    "toast-nochannel": "methods.toast",
 }
 
 #: artifacts (weights, checkpoints) that methods know how to make: name -> registering module
-ARTIFACTS: dict[str, str] = {}
+ARTIFACTS: dict[str, str] = {"toast-pretuned": "methods.toast_pretune"}

@@ -1,0 +1,495 @@
+"""TOAST: top-down attention steering around a frozen timm ViT (paper §3, §4.5, §4.6, §5; PROTOCOL.md §1).
+
+The model wraps timm's ``VisionTransformer`` and reuses its patch embedding, position embedding, blocks and final
+norm; nothing of the ViT is copied. A forward pass has four steps:
+
+1. first pass of the frozen backbone (under ``no_grad`` when no backbone weight trains) -> tokens ``x_L`` after the
+   final norm;
+2. feature selection: ``cos = normalize(x_L) . normalize(xi)`` clamped to [0, 1] scales each token, then the channel
+   transform ``P`` (d x d, identity init): ``x_s = (x_L * cos) @ P``;
+3. feedback path, from the top layer down: ``z = linear_l(z); td_l = linear2_l(z)`` (bias-free d x d matrices);
+4. second pass in which block ``l``'s attention adds ``W_v td_l`` to V only (Q, K and the softmax untouched),
+   still through ``F.scaled_dot_product_attention``. Output: the second pass's pooled token (CLS after the final
+   norm for a standard ViT) -> the task head.
+
+Variants (class attributes, not hyperparameters: they define the method):
+
+* ``feedback="early"`` (paper §5 "early feedback"): the first pass stops after the middle block; its raw output is
+  selected and fed back into the blocks below it; the second pass runs the whole backbone. ~1.5x backbone FLOPs.
+* ``feedback="late"``: the first pass runs whole; feedback from the top goes only into the upper half, so the lower
+  half's output is computed once and shared by both passes. ~1.5x backbone FLOPs.
+  (The compiled official variants name these the other way round: their ``early`` .pyc is ``feedback_to=6,
+  feedback_from=12``, i.e. the paper's "late"; their ``hollow`` is the paper's "early". We follow the paper.)
+* ablations (Table 8): ``toast-nopretune`` (random top-down module), ``toast-notoken`` (no token selection, so xi is
+  unused and frozen), ``toast-nochannel`` (P and the feedback path frozen; xi and the head train).
+
+Settings (hyperparameters with defaults; a sweep may override them):
+
+* ``train_P`` (default True, the paper: "P ... task-specific parameters"; the official ``toast`` mode leaves P frozen
+  because its name matches none of ``decoders``/``prompt``/``head``);
+* ``v_bias_twice`` (default False, the paper's ``W_V (X + X_td)``; the official code computes ``qkv(td)`` with its
+  bias, so b_v is added twice: set True to match it, e.g. with the official pre-tuned checkpoints);
+* ``frozen_eval`` (default True: the frozen backbone runs in eval mode, no drop-path; the official code leaves
+  drop-path 0.1 on: set False);
+* ``pretuned_backbone`` (optional, default ``check``): what to do with backbone keys inside a pre-tuned checkpoint
+  (official ones carry their backbone): ``check`` refuses a file pre-tuned on other backbone weights, ``load`` uses
+  the checkpoint's backbone weights, ``ignore`` skips them.
+
+Pre-tuning (:mod:`methods.toast_pretune`) produces the ``toast-pretuned`` artifact these methods need.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.api import METHODS, BuildContext, Method
+from harness.errors import HarnessError
+from methods.common import freeze, make_head
+
+#: PROTOCOL.md §3.2: TOAST's ``tune_vtab.py --grid-search-type topdown``
+TOAST_GRID = {"lr": [1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
+#: the top-down module's parameter names, as in the official checkpoints
+TOP_DOWN_KEYS = ("prompt", "top_down_transform", "decoders.")
+FEEDBACK_KINDS = ("full", "early", "late")
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+class DecodeBlock(nn.Module):
+    """One feedback layer: ``linear`` passes the signal down, ``linear2`` emits this layer's top-down signal."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, bias=False)
+        self.linear2 = nn.Linear(dim, dim, bias=False)
+        for layer in (self.linear, self.linear2):  # timm ViT's _init_weights, which the official encoder applies
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+
+
+def feedback_span(kind: str, depth: int) -> tuple[int, int]:
+    """(source, target): the first pass runs blocks ``[0, source)`` and feeds back from their output; blocks
+    ``[target, source)`` get a top-down signal; blocks below ``target`` are shared by both passes."""
+    middle = depth // 2
+    spans = {"full": (depth, 0), "early": (middle, 0), "late": (depth, middle)}
+    if kind not in spans:
+        raise ValueError(f"unknown feedback kind {kind!r} (expected one of {', '.join(FEEDBACK_KINDS)})")
+    return spans[kind]
+
+
+def check_backbone(backbone: nn.Module) -> None:
+    """TOAST re-runs timm's ViT blocks with a top-down input: refuse anything else with a clear message."""
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    if not isinstance(backbone, VisionTransformer):
+        raise HarnessError(f"TOAST needs a timm VisionTransformer backbone, got {type(backbone).__name__}")
+    for i, blk in enumerate(backbone.blocks):
+        if type(blk) is not Block or not isinstance(blk.attn, Attention):
+            raise HarnessError(f"TOAST needs timm's standard pre-norm Block/Attention; block {i} is "
+                               f"{type(blk).__name__} with {type(blk.attn).__name__}")
+
+
+def top_down_attention(attn: nn.Module, x: torch.Tensor, td: torch.Tensor, v_bias_twice: bool = False) -> torch.Tensor:
+    """timm ``Attention.forward`` with ``W_v td`` added to V only (Q and K come from ``x`` alone).
+
+    ``x`` is the block's ``norm1`` output; ``td`` is not normalised (as in the official code). Only the V rows of the
+    frozen fused qkv weight are applied to ``td``, with the V bias only when ``v_bias_twice`` (the official code's
+    ``qkv(td)`` adds it a second time). Keeps the fused ``scaled_dot_product_attention`` path.
+    """
+    B, N, _ = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    D = getattr(attn, "attn_dim", H * hd)  # older timm 1.0.x has no attn_dim, norm or gate
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = attn.qkv.bias
+    v_td = F.linear(td, attn.qkv.weight[2 * D:], bias[2 * D:] if (v_bias_twice and bias is not None) else None)
+    v = v + v_td.reshape(B, N, H, hd).transpose(1, 2)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = attn.attn_drop(weights) @ v
+    out = out.transpose(1, 2).reshape(B, N, D)
+    if getattr(attn, "norm", None) is not None:
+        out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def top_down_block(blk: nn.Module, x: torch.Tensor, td: torch.Tensor | None,
+                   v_bias_twice: bool = False) -> torch.Tensor:
+    """timm ``Block.forward`` whose attention receives a top-down signal (plain ``blk(x)`` when ``td`` is None)."""
+    if td is None:
+        return blk(x)
+    x = x + blk.drop_path1(blk.ls1(top_down_attention(blk.attn, blk.norm1(x), td, v_bias_twice)))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+@dataclass
+class TopDownOutput:
+    """Everything one forward computes; ``features`` feed the head."""
+
+    features: torch.Tensor  # pooled second-pass features
+    first_features: torch.Tensor | None  # pooled first-pass features (None when the first pass stops midway)
+    similarity: torch.Tensor | None  # B x N clamped cosine of every token with xi (None without token selection)
+    var_loss: torch.Tensor | None  # the unweighted variational loss (sum over feedback layers) when asked for
+    block_inputs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ("first"|"second", l) -> tokens
+
+
+class TopDownViT(nn.Module):
+    """A frozen timm ViT with TOAST's feature selection, feedback path and top-down second pass.
+
+    Parameter names match the official checkpoints: ``prompt`` (xi), ``top_down_transform`` (P) and
+    ``decoders.{l}.linear/linear2.weight`` with ``l`` the block index; the backbone's keys live under ``backbone.``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, feedback: str = "full",
+                 token_selection: bool = True, v_bias_twice: bool = False, frozen_eval: bool = True):
+        super().__init__()
+        check_backbone(backbone)
+        self.backbone = backbone
+        self.depth = len(backbone.blocks)
+        self.feedback_kind = feedback
+        self.source, self.target = feedback_span(feedback, self.depth)
+        self.token_selection = token_selection
+        self.v_bias_twice = v_bias_twice
+        self.frozen_eval = frozen_eval
+        dim = backbone.embed_dim
+        self.prompt = nn.Parameter(torch.randn(dim))
+        self.top_down_transform = nn.Parameter(torch.eye(dim))
+        self.decoders = nn.ModuleDict({str(l): DecodeBlock(dim) for l in self.feedback_layers})
+        self.head = make_head(backbone.num_features, num_classes)
+
+    @property
+    def feedback_layers(self) -> range:
+        return range(self.target, self.source)
+
+    def train(self, mode: bool = True) -> "TopDownViT":
+        super().train(mode)
+        if mode and self.frozen_eval:
+            self.backbone.eval()
+        return self
+
+    # -- the four steps ----------------------------------------------------------------------------------------
+    def first_pass(self, x: torch.Tensor, taps: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shared, top): the input of block ``target`` (reused by the second pass) and the tokens fed back (after
+        the final norm when the pass runs the whole backbone, the raw block output for early feedback)."""
+        bb = self.backbone
+        h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
+        shared = h
+        for l in range(self.source):
+            if taps is not None:
+                taps[("first", l)] = h
+            h = bb.blocks[l](h)
+            if l + 1 == self.target:
+                shared = h
+        top = bb.norm(h) if self.source == self.depth else h
+        return shared, top
+
+    def select(self, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token selection by cosine with xi (clamped to [0, 1]; no temperature, no softmax), then ``@ P``."""
+        similarity = None
+        if self.token_selection:
+            similarity = (F.normalize(top, dim=-1) @ F.normalize(self.prompt, dim=-1)).clamp(0, 1)
+            top = top * similarity.unsqueeze(-1)
+        return top @ self.top_down_transform, similarity
+
+    def feedback(self, selected: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Top-down signals per block, from the top feedback layer down (PROTOCOL.md §1.1 step 3)."""
+        td: dict[int, torch.Tensor] = {}
+        z = selected
+        for l in reversed(self.feedback_layers):
+            decoder = self.decoders[str(l)]
+            z = decoder.linear(z)
+            td[l] = decoder.linear2(z)
+        return td
+
+    def second_pass(self, shared: torch.Tensor, td: dict[int, torch.Tensor], var_loss: bool = False,
+                    taps: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blocks ``[target, depth)`` with their top-down signals, then the final norm. With ``var_loss``, also
+        the variational loss: per feedback layer, ``MSE(linear_l(out_l.detach()), in_l.detach())``, summed."""
+        h, terms = shared, []
+        for l in range(self.target, self.depth):
+            if taps is not None:
+                taps[("second", l)] = h
+            out = top_down_block(self.backbone.blocks[l], h, td.get(l), self.v_bias_twice)
+            if var_loss and l in td:
+                terms.append(F.mse_loss(self.decoders[str(l)].linear(out.detach()), h.detach()))
+            h = out
+        return self.backbone.norm(h), (torch.stack(terms).sum() if terms else None)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward_detailed(self, x: torch.Tensor, var_loss: bool = False, taps: bool = False) -> TopDownOutput:
+        block_inputs: dict | None = {} if taps else None
+        # nothing trainable precedes the selection when the backbone is frozen: no graph for the first pass
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(grad):
+            shared, top = self.first_pass(x, block_inputs)
+        selected, similarity = self.select(top)
+        tokens, var = self.second_pass(shared, self.feedback(selected), var_loss, block_inputs)
+        pool = self.backbone.forward_head
+        first = pool(top, pre_logits=True) if self.source == self.depth else None
+        return TopDownOutput(pool(tokens, pre_logits=True), first, similarity, var, block_inputs or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_detailed(x).features)
+
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Paper Fig. 4 panels, each B x grid_h x grid_w: the first pass's last-layer CLS attention (head average),
+        the token-similarity map (cosine with xi, clamped), the second pass's last-layer CLS attention."""
+        from harness.commands.attention import cls_attention
+
+        bb = self.backbone
+        grid = tuple(bb.patch_embed.grid_size)
+        with torch.no_grad():
+            out = self.forward_detailed(x, taps=True)
+            last_first = self.source - 1
+            maps = {}
+            name = "first pass" if self.source == self.depth else f"first pass (block {last_first + 1}/{self.depth})"
+            maps[name] = cls_attention(bb.blocks[last_first], out.block_inputs[("first", last_first)], grid)
+            if out.similarity is not None:
+                patches = grid[0] * grid[1]
+                maps["token selection (cos with ξ)"] = out.similarity[:, -patches:].reshape(-1, *grid)
+            maps["second pass"] = cls_attention(bb.blocks[-1], out.block_inputs[("second", self.depth - 1)], grid)
+        return maps
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class LoadReport:
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    ignored: list[str]
+    backbone: str  # what happened to backbone keys in the file
+
+    def summary(self) -> str:
+        parts = [f"{len(self.loaded)} top-down tensors loaded"]
+        if self.unexpected:
+            parts.append(f"unexpected (not used): {_short(self.unexpected)}")
+        if self.ignored:
+            parts.append(f"ignored: {_short(self.ignored)}")
+        parts.append(self.backbone)
+        return "; ".join(parts)
+
+
+def _short(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) from our own pre-tuned checkpoint or an official TOAST one: ``state_dict['model']``
+    (DeiT/AbSViT style), ``state_dict['state_dict']`` or a plain state dict; a ``module.`` prefix is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"TOAST checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - official checkpoints pickle their argparse Namespace next to the weights
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001
+            raise HarnessError(f"cannot read TOAST checkpoint {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(raw, dict):
+        raise HarnessError(f"TOAST checkpoint {path}: expected a dict, got {type(raw).__name__}")
+    meta = raw.get("harness") if isinstance(raw.get("harness"), dict) else {}
+    for key in ("model", "state_dict"):
+        if isinstance(raw.get(key), dict):
+            raw = raw[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not any(k.startswith(TOP_DOWN_KEYS) for k in state):
+        raise HarnessError(f"TOAST checkpoint {path} has no top-down keys (prompt, top_down_transform, "
+                           f"decoders.<l>.linear/linear2.weight); its keys start with: {_short(state)}")
+    return state, meta
+
+
+def load_top_down(model: TopDownViT, path: str | Path, backbone_keys: str = "check") -> LoadReport:
+    """Load the top-down module (xi, P, decoders) from a checkpoint into ``model``.
+
+    ``backbone_keys`` says what to do with the backbone's timm keys when the file has them (official checkpoints
+    do): ``check`` (default) refuses a file pre-tuned on different backbone weights, ``load`` loads them into the
+    backbone, ``ignore`` skips them. ``head.*`` (the pre-tuning head) is always ignored. Missing top-down keys or
+    wrong shapes are an error naming them; unexpected ones (e.g. decoders a feedback variant does not have) are
+    reported.
+    """
+    if backbone_keys not in ("check", "load", "ignore"):
+        raise HarnessError(f"pretuned_backbone: expected check, load or ignore, got {backbone_keys!r}")
+    state, meta = read_checkpoint(path)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(TOP_DOWN_KEYS)}
+    given = {k: v for k, v in state.items() if k.startswith(TOP_DOWN_KEYS)}
+    missing = sorted(set(own) - set(given))
+    if missing:
+        raise HarnessError(f"TOAST checkpoint {path}: missing keys {_short(missing)} (it has {_short(given)})")
+    update: dict[str, torch.Tensor] = {}
+    for key, target in own.items():
+        value = given[key]
+        if value.numel() == target.numel() and key == "prompt":
+            value = value.reshape(target.shape)  # official xi may be stored as 1 x 1 x d
+        if value.shape != target.shape:
+            raise HarnessError(f"TOAST checkpoint {path}: {key} has shape {tuple(value.shape)}, the model expects "
+                               f"{tuple(target.shape)} (pre-tuned for another backbone width?)")
+        update[key] = value
+    model.load_state_dict(update, strict=False)
+    unexpected = sorted(set(given) - set(own))
+    ignored = sorted(k for k in state if k.startswith("head."))
+    rest = {k: v for k, v in state.items() if not k.startswith(TOP_DOWN_KEYS) and not k.startswith("head.")}
+    backbone_note = _backbone_keys(model.backbone, rest, backbone_keys, path, unexpected)
+    settings = meta.get("settings") or {}
+    if "v_bias_twice" in settings and bool(settings["v_bias_twice"]) != model.v_bias_twice:
+        warnings.warn(f"{path} was pre-tuned with v_bias_twice={settings['v_bias_twice']}, the model uses "
+                      f"{model.v_bias_twice}", stacklevel=2)
+    return LoadReport(sorted(update), [], unexpected, ignored, backbone_note)
+
+
+def _backbone_keys(backbone: nn.Module, rest: dict[str, torch.Tensor], mode: str, path, unexpected: list) -> str:
+    if not rest:
+        return "no backbone keys in the file"
+    if mode == "ignore":
+        return f"{len(rest)} backbone keys ignored"
+    own = backbone.state_dict()
+    unexpected += sorted(k for k in rest if k not in own)
+    common = [k for k in rest if k in own]
+    if mode == "load":
+        bad = [k for k in common if rest[k].shape != own[k].shape]
+        if bad:
+            raise HarnessError(f"TOAST checkpoint {path}: backbone keys with other shapes: {_short(bad)}")
+        backbone.load_state_dict({k: rest[k] for k in common}, strict=False)
+        return f"{len(common)} backbone tensors loaded from the checkpoint"
+    differ = [k for k in common if rest[k].shape != own[k].shape or not torch.equal(rest[k].to(own[k].dtype), own[k])]
+    if differ:
+        raise HarnessError(
+            f"TOAST checkpoint {path} was pre-tuned on other backbone weights ({len(differ)} of {len(common)} tensors "
+            f"differ, e.g. {_short(differ, 3)}); use the backbone it was made for, or set the method setting "
+            "pretuned_backbone: load (use the checkpoint's backbone) or ignore")
+    return f"{len(common)} backbone tensors match the suite's backbone"
+
+
+def top_down_state(model: TopDownViT) -> dict[str, torch.Tensor]:
+    """The top-down module's tensors under the official key names (what a pre-tuned checkpoint holds)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(TOP_DOWN_KEYS)}
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+def add_feedback_lora(model: TopDownViT, rank: int = 4, alpha: float = 1.0) -> None:
+    """TOAST-Lite: peft LoRA on every feedback linear (``linear`` and ``linear2``), bias-free, dropout 0, scaling
+    ``alpha / rank`` (loralib's defaults alpha=1, r=4 give 0.25); A kaiming-uniform, B zeros as in loralib."""
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft imports transformers (~5 s)
+
+    config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                        target_modules=["linear", "linear2"])
+    inject_adapter_in_model(config, model.decoders)
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+class ToastMethod(Method):
+    """TOAST (paper §3.2): frozen backbone; xi, P (setting), the feedback path and the head train."""
+
+    name = "toast"
+    family = "top-down"
+    description = "top-down attention steering: xi, P and the feedback path train (pre-tuned init)"
+    optimizer = "sgd"
+    warmup_epochs = 10
+    grid = TOAST_GRID
+    defaults = {"train_P": True, "v_bias_twice": False, "frozen_eval": True}
+    needs = ("toast-pretuned",)
+    suite_sections = ("pretune",)
+    #: the architecture (what pre-tuning must match) and what trains
+    feedback = "full"
+    token_selection = True
+    pretuned = True
+    train_feedback = True
+
+    def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any]) -> TopDownViT:
+        hp = {**self.defaults, **hparams}
+        freeze(backbone)
+        return TopDownViT(backbone, num_classes, feedback=self.feedback, token_selection=self.token_selection,
+                          v_bias_twice=bool(hp["v_bias_twice"]), frozen_eval=bool(hp["frozen_eval"]))
+
+    def build(self, backbone, num_classes: int, ctx: BuildContext) -> TopDownViT:
+        model = self.make_model(backbone, num_classes, ctx.hparams)
+        if self.pretuned and not ctx.random_init:
+            path = ctx.resolve_artifact("toast-pretuned")
+            report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")))
+            if report.unexpected:
+                warnings.warn(f"{path}: {report.summary()}", stacklevel=2)
+        self.set_trainable(model, {**self.defaults, **ctx.hparams})
+        return model
+
+    def set_trainable(self, model: TopDownViT, hp: dict[str, Any]) -> None:
+        freeze(model)
+        model.prompt.requires_grad_(self.token_selection)
+        model.top_down_transform.requires_grad_(self.train_feedback and bool(hp["train_P"]))
+        for p in model.decoders.parameters():
+            p.requires_grad_(self.train_feedback)
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+
+
+class ToastLite(ToastMethod):
+    """TOAST-Lite (paper §4.5, PROTOCOL.md §1.5): rank-4 LoRA on every feedback linear; the pre-tuned feedback
+    weights stay frozen; xi, P and the head train."""
+
+    name = "toast-lite"
+    description = "TOAST with rank-4 LoRA (peft) on the feedback path; xi, P and the head train"
+    defaults = {**ToastMethod.defaults, "lora_rank": 4, "lora_alpha": 1.0}
+
+    def set_trainable(self, model: TopDownViT, hp: dict[str, Any]) -> None:
+        add_feedback_lora(model, int(hp["lora_rank"]), float(hp["lora_alpha"]))
+        freeze(model)
+        model.prompt.requires_grad_(True)
+        model.top_down_transform.requires_grad_(bool(hp["train_P"]))
+        for name, p in model.decoders.named_parameters():
+            p.requires_grad_("lora_" in name)
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+
+
+class ToastEarly(ToastMethod):
+    name = "toast-early"
+    description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
+    feedback = "early"
+
+
+class ToastLate(ToastMethod):
+    name = "toast-late"
+    description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
+    feedback = "late"
+
+
+class ToastNoPretune(ToastMethod):
+    name = "toast-nopretune"
+    description = "ablation (Table 8): TOAST from a randomly initialised top-down module"
+    needs = ()
+    suite_sections = ()
+    pretuned = False
+
+
+class ToastNoToken(ToastMethod):
+    name = "toast-notoken"
+    description = "ablation (Table 8): TOAST without token selection (xi unused)"
+    token_selection = False
+
+
+class ToastNoChannel(ToastMethod):
+    name = "toast-nochannel"
+    description = "ablation (Table 8): P and the feedback path frozen; xi and the head train"
+    train_feedback = False
+
+
+for _cls in (ToastMethod, ToastLite, ToastEarly, ToastLate, ToastNoPretune, ToastNoToken, ToastNoChannel):
+    METHODS.register(_cls.name)(_cls)
+
+
+def pretune_architecture(method: Method) -> dict[str, Any]:
+    """What a pre-tuned checkpoint must match: the feedback span (token selection on or off shares one module)."""
+    return {"feedback": getattr(method, "feedback", "full")}

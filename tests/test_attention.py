@@ -1,0 +1,118 @@
+"""``harness attention``: CLS attention maps from kept trial weights or fresh models, TOAST's Fig. 4 panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.commands.attention import attention_maps, cls_attention
+from methods.backbone import build_backbone
+from methods.common import BackboneClassifier
+from methods.toast import TopDownViT
+from conftest import TINY_BACKBONE
+
+TINY_PRETUNE = {"task": "demo-upstream", "split": "val", "epochs": 1, "batch_size": 250, "lr": 0.001,
+                "warmup_epochs": 0, "cooldown_epochs": 0, "auto": True, "checkpoint": None}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting threads slow
+    every op ~10x (this file: 10 s with one thread, minutes with two under load). Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def images(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_cls_attention_is_timm_attention_row_of_the_cls_token():
+    torch.manual_seed(0)
+    model = BackboneClassifier(build_backbone(TINY_BACKBONE), 5).eval()
+    last = model.backbone.blocks[-1]
+    last.attn.fused_attn = False  # timm's explicit path, whose softmax output passes through attn_drop
+    seen = []
+    last.attn.attn_drop.register_forward_hook(lambda mod, args, out: seen.append(out))
+    maps = attention_maps(model, images())["last layer"]
+    expected = seen[-1][:, :, 0, 1:].mean(dim=1).reshape(-1, 4, 4)
+    torch.testing.assert_close(maps, expected)
+    assert maps.shape == (2, 4, 4) and bool((maps >= 0).all()) and bool((maps.sum(dim=(1, 2)) <= 1 + 1e-6).all())
+
+
+@pytest.mark.parametrize("feedback,token_selection,panels", [
+    ("full", True, ["first pass", "token selection (cos with ξ)", "second pass"]),
+    ("full", False, ["first pass", "second pass"]),
+    ("early", True, ["first pass (block 1/2)", "token selection (cos with ξ)", "second pass"]),
+])
+def test_toast_gives_first_pass_selection_and_second_pass_panels(feedback, token_selection, panels):
+    torch.manual_seed(0)
+    model = TopDownViT(build_backbone(TINY_BACKBONE), 5, feedback=feedback, token_selection=token_selection).eval()
+    maps = attention_maps(model, images())
+    assert list(maps) == panels
+    for name, amap in maps.items():
+        assert amap.shape == (2, 4, 4), name
+        assert bool((amap >= 0).all()) and bool((amap <= 1).all()), name
+    x = images()
+    with torch.no_grad():
+        bottom_up = cls_attention(model.backbone.blocks[-1], _last_block_input(model.backbone, x), (4, 4))
+    if feedback == "full":  # the first pass is the plain backbone
+        torch.testing.assert_close(maps["first pass"], bottom_up)
+
+
+def _last_block_input(vit, x):
+    seen = []
+    handle = vit.blocks[-1].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    vit(x)
+    handle.remove()
+    return seen[-1]
+
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    from tasks.demo import gen_position
+
+    pixels, _ = gen_position(1, seed=99)
+    Image.fromarray(pixels[0]).save(path)
+    return path
+
+
+def test_attention_command_uses_kept_weights_or_says_fresh(make_suite, capsys, tmp_path):
+    from PIL import Image
+
+    from harness.cli import main
+
+    suite = make_suite("attn", methods=["linear", "toast"], tasks=["demo-position"], pretune=TINY_PRETUNE,
+                       grids={"linear": {"lr": [1.0], "weight_decay": [0.0]},
+                              "toast": {"lr": [0.25], "weight_decay": [0.0]}},
+                       protocol={"seeds": [42]}, train={"epochs": 1})
+    assert main(["run", "--suite", str(suite), "--no-progress", "--no-table", "--keep-weights"]) == 0
+    kept = sorted((tmp_path / "results").rglob("final-*.weights.pt"))
+    assert len(kept) == 2
+    capsys.readouterr()
+
+    output = tmp_path / "fig.png"
+    code = main(["attention", "--suite", str(suite), "--task", "demo-position", "--methods", "linear,toast,toast-late",
+                 "--image", str(_png(tmp_path / "img.png")), "--output", str(output)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "linear: linear trained (seed 42" in out and "toast: toast trained (seed 42" in out
+    assert "toast-late: toast-late fresh model (no kept weights)" in out
+    with Image.open(output) as figure:
+        width, height = figure.size
+        assert width > 600 and height > 600  # 3 rows x 4 columns of panels
+        assert np.asarray(figure.convert("L")).std() > 10  # not a blank canvas
+
+    toast_weights = next(p for p in kept if "/toast/" in str(p))
+    code = main(["attention", "--suite", str(suite), "--task", "demo-position", "--methods", "toast",
+                 "--trial-weights", str(toast_weights), "--index", "3", "--output", str(tmp_path / "one.png")])
+    assert code == 0 and (tmp_path / "one.png").is_file()
+    code = main(["attention", "--suite", str(suite), "--task", "demo-position", "--methods", "linear,toast",
+                 "--trial-weights", str(toast_weights), "--output", str(tmp_path / "bad.png")])
+    assert code == 2 and "1 files for 2 methods" in capsys.readouterr().err

@@ -1,0 +1,349 @@
+"""TOAST and TOAST-Lite: the top-down model's math, trainable sets, pre-tuning, checkpoints, cost, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.api import METHODS, BuildContext
+from harness.errors import HarnessError
+from methods.backbone import build_backbone
+from methods.toast import TopDownViT, load_top_down, read_checkpoint, top_down_state
+from conftest import TINY_BACKBONE
+
+TOAST_METHODS = ["toast", "toast-lite", "toast-early", "toast-late", "toast-nopretune", "toast-notoken",
+                 "toast-nochannel"]
+#: depth 4, so that the middle block (2) splits early/late feedback into non-empty halves
+DEEP = {**TINY_BACKBONE, "model_args": {**TINY_BACKBONE["model_args"], "depth": 4}}
+#: a pre-tuning stage small enough for a test: 1 epoch on the 1,000 upstream validation images
+TINY_PRETUNE = {"task": "demo-upstream", "split": "val", "epochs": 1, "batch_size": 250, "lr": 0.001,
+                "warmup_epochs": 0, "cooldown_epochs": 0, "auto": True, "checkpoint": None}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting threads slow
+    every op ~10x (this file: 10 s with one thread, minutes with two under load). Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def backbone(spec=DEEP, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_backbone(spec).eval()
+
+
+def build(name: str, spec=DEEP, num_classes: int = 5, **hparams):
+    ctx = BuildContext(hparams=hparams, suite="test", cache_dir=Path("."), random_init=True)
+    return METHODS.get(name).build(backbone(spec), num_classes, ctx)
+
+
+def images(n: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("feedback", ["full", "early", "late"])
+def test_zero_feedback_gives_the_frozen_backbone_features_exactly(feedback):
+    bb = backbone()
+    model = TopDownViT(bb, 5, feedback=feedback).eval()
+    with torch.no_grad():
+        for decoder in model.decoders.values():
+            decoder.linear2.weight.zero_()  # every top-down signal is exactly zero
+        x = images()
+        assert torch.equal(model.forward_detailed(x).features, bb(x))
+        assert not torch.equal(TopDownViT(backbone(), 5, feedback=feedback).eval().forward_detailed(x).features,
+                               bb(x))  # a non-zero feedback does change them
+
+
+def test_top_down_signal_reaches_v_only_and_keeps_the_fused_attention(monkeypatch):
+    model = TopDownViT(backbone(), 5).eval()
+    depth, dim = model.depth, model.backbone.embed_dim
+    qkv_out: list[torch.Tensor] = []
+    for blk in model.backbone.blocks:
+        assert blk.attn.fused_attn
+        blk.attn.qkv.register_forward_hook(lambda mod, args, out: qkv_out.append(out.detach()))
+    sdpa_calls: list[tuple[torch.Tensor, ...]] = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        sdpa_calls.append((q.detach(), k.detach(), v.detach()))
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    x = images()
+    with torch.no_grad():
+        _, top = model.first_pass(x)
+        td = model.feedback(model.select(top)[0])
+        qkv_out.clear(), sdpa_calls.clear()
+        model.forward_detailed(x)
+    assert len(qkv_out) == len(sdpa_calls) == 2 * depth  # both passes go through F.scaled_dot_product_attention
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # B x N x d -> B x H x N x hd, as timm splits qkv
+        attn = model.backbone.blocks[0].attn
+        return t.reshape(t.shape[0], t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    for l in range(depth):
+        q, k, v = sdpa_calls[depth + l]
+        fused = qkv_out[depth + l]
+        assert torch.equal(q, heads(fused[..., :dim])) and torch.equal(k, heads(fused[..., dim:2 * dim]))
+        w_v = model.backbone.blocks[l].attn.qkv.weight[2 * dim:]
+        torch.testing.assert_close(v, heads(fused[..., 2 * dim:] + td[l] @ w_v.T))
+        assert not torch.equal(v, heads(fused[..., 2 * dim:]))
+    # block 0 sees the same input in both passes: Q and K are identical, V is not
+    assert torch.equal(sdpa_calls[0][0], sdpa_calls[depth][0]) and torch.equal(sdpa_calls[0][1], sdpa_calls[depth][1])
+    assert not torch.equal(sdpa_calls[0][2], sdpa_calls[depth][2])
+
+
+def test_v_bias_twice_adds_the_v_bias_once_more():
+    model = TopDownViT(backbone(), 5, v_bias_twice=True).eval()
+    with torch.no_grad():
+        for blk in model.backbone.blocks:
+            blk.attn.qkv.bias.normal_()  # timm initialises it to zero
+        for decoder in model.decoders.values():
+            decoder.linear2.weight.zero_()
+        x = images()
+        assert not torch.equal(model.forward_detailed(x).features, model.backbone(x))  # b_v even with td = 0
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def expected_trainable(name: str, depth: int = 4, train_P: bool = True) -> set[str]:
+    middle = depth // 2
+    layers = {"toast-early": range(0, middle), "toast-late": range(middle, depth)}.get(name, range(depth))
+    head = {"head.weight", "head.bias"}
+    if name == "toast-nochannel":
+        return head | {"prompt"}
+    if name == "toast-lite":
+        lora = {f"decoders.{l}.{lin}.lora_{ab}.default.weight" for l in layers for lin in ("linear", "linear2")
+                for ab in "AB"}
+        return head | lora | {"prompt"} | ({"top_down_transform"} if train_P else set())
+    decoders = {f"decoders.{l}.{lin}.weight" for l in layers for lin in ("linear", "linear2")}
+    prompt = set() if name == "toast-notoken" else {"prompt"}
+    return head | decoders | prompt | ({"top_down_transform"} if train_P else set())
+
+
+@pytest.mark.parametrize("name", TOAST_METHODS)
+def test_gradient_reaches_exactly_the_trainable_set(name):
+    model = build(name)
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == expected_trainable(name)
+    F.cross_entropy(model(images(4)), torch.tensor([0, 1, 2, 3])).backward()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None, n
+            # LoRA's A gets exactly zero gradient while B is still zero (peft/loralib init)
+            assert ".lora_A." in n or p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+def test_train_p_false_freezes_p_as_the_official_code():
+    model = build("toast", train_P=False)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected_trainable("toast", train_P=False)
+
+
+def test_frozen_eval_setting_controls_drop_path():
+    spec = {**DEEP, "model_args": {**DEEP["model_args"], "drop_path_rate": 0.5}}
+    assert not build("toast", spec).train().backbone.training
+    assert build("toast", spec, frozen_eval=False).train().backbone.training
+
+
+def test_variational_loss_decreases_during_pretuning():
+    from methods.toast_pretune import DEFAULTS, pretune_model
+
+    model = TopDownViT(backbone(), 4)
+    x, y = images(32, seed=3), torch.arange(32) % 4
+    cfg = {**DEFAULTS, "epochs": 8, "lr": 1e-2, "warmup_epochs": 0, "cooldown_epochs": 0}  # 8 steps, weight 0.03
+    history = pretune_model(model, [(x, y)], cfg, progress=False)
+    var = [h["var"] for h in history]
+    assert all(b < a for a, b in zip(var[:4], var[1:5])) and var[-1] < 0.9 * var[0], var
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def test_official_checkpoint_keys_round_trip(tmp_path):
+    source = TopDownViT(backbone(seed=0), 5)
+    with torch.no_grad():
+        source.top_down_transform.add_(0.01 * torch.randn_like(source.top_down_transform))
+    official = {**source.backbone.state_dict(), **top_down_state(source), "head.weight": torch.zeros(1000, 32)}
+    official["prompt"] = official["prompt"].reshape(1, 1, -1)  # stored with a different shape, same numel
+    assert {"prompt", "top_down_transform", "decoders.0.linear.weight", "decoders.3.linear2.weight"} <= set(official)
+    wrapped, plain = tmp_path / "toast_wrapped.pth", tmp_path / "toast_plain.pth"
+    torch.save({"model": official, "epoch": 30}, wrapped)
+    torch.save(official, plain)
+    x = images()
+    for path in (wrapped, plain):
+        target = TopDownViT(backbone(seed=0), 5)
+        target.head.load_state_dict(source.head.state_dict())
+        report = load_top_down(target, path)
+        assert report.ignored == ["head.weight"] and "match" in report.backbone
+        with torch.no_grad():
+            assert torch.equal(target.eval()(x), source.eval()(x))
+
+
+def test_checkpoint_problems_are_named(tmp_path):
+    source = TopDownViT(backbone(seed=0), 5)
+    state = top_down_state(source)
+    broken = tmp_path / "broken.pth"
+    torch.save({"model": {k: v for k, v in state.items() if k != "decoders.2.linear.weight"}}, broken)
+    with pytest.raises(HarnessError, match="missing keys decoders.2.linear.weight"):
+        load_top_down(TopDownViT(backbone(), 5), broken)
+    late = TopDownViT(backbone(), 5, feedback="late")  # has decoders 2..3 only: 0..1 are reported, not loaded
+    full = tmp_path / "full.pth"
+    torch.save(state, full)
+    assert load_top_down(late, full).unexpected == [f"decoders.{l}.{n}.weight" for l in (0, 1)
+                                                    for n in ("linear", "linear2")]
+    other = tmp_path / "other_backbone.pth"
+    torch.save({**backbone(seed=7).state_dict(), **state}, other)
+    with pytest.raises(HarnessError, match="pre-tuned on other backbone weights"):
+        load_top_down(TopDownViT(backbone(seed=0), 5), other)
+    loaded = TopDownViT(backbone(seed=0), 5)
+    load_top_down(loaded, other, backbone_keys="load")
+    assert torch.equal(loaded.backbone.pos_embed, backbone(seed=7).pos_embed)
+    with pytest.raises(HarnessError, match="no top-down keys"):
+        torch.save({"model": backbone().state_dict()}, tmp_path / "vit.pth")
+        read_checkpoint(tmp_path / "vit.pth")
+
+
+# ---------------------------------------------------------------------------------------------------- cost
+VIT_B = {"name": "vit_base_patch16_224", "weights": None}
+
+
+def meta_model(name: str, spec=VIT_B, num_classes: int = 100):
+    """A method built on the meta device: parameter counts and FLOPs without memory or init time."""
+    from methods.common import BackboneClassifier
+
+    with torch.device("meta"):
+        bb = build_backbone(spec)
+        if name == "backbone":
+            return BackboneClassifier(bb, num_classes)
+        ctx = BuildContext(hparams={}, suite="test", cache_dir=Path("."), random_init=True)
+        return METHODS.get(name).build(bb, num_classes, ctx)
+
+
+def test_parameter_counts_on_vit_b_match_the_paper():
+    """Paper Table 9/11: TOAST 14M, TOAST-Lite 0.9M tuned parameters (with the head). ViT-B/16, 100 classes.
+    Ours: TOAST 14.82M (24 feedback matrices 14.16M + P 0.59M + xi + head 0.08M; with the official frozen P,
+    14.23M); TOAST-Lite 0.81M (LoRA 0.15M + P + xi + head; an FGVC-sized 200-class head gives 0.89M).
+    Tolerance: 10% for TOAST, 15% for TOAST-Lite (the paper rounds and its heads have 100-555 classes)."""
+    from harness.cost import parameter_counts
+
+    counts = {m: parameter_counts(meta_model(m)) for m in ("toast", "toast-lite")}
+    d = 768
+    assert counts["toast"]["trainable"] == 24 * d * d + d * d + d == 14_746_368  # decoders, P, xi
+    assert counts["toast-lite"]["trainable"] == 24 * 4 * 2 * d + d * d + d == 738_048  # LoRA A+B, P, xi
+    tuned = {m: c["trainable"] + c["head"] for m, c in counts.items()}
+    assert tuned["toast"] == pytest.approx(14e6, rel=0.10)
+    assert tuned["toast-lite"] == pytest.approx(0.9e6, rel=0.15)
+    assert counts["toast"]["head"] == 768 * 100 + 100
+
+
+def test_early_and_late_feedback_cost_about_1_5x_the_backbone_instead_of_2x():
+    """Paper Table 10 counts backbone passes: TOAST 2x, early/late 1.5x. Exactly so in block evaluations (counted
+    with hooks). Total FLOPs (torch.utils.flop_counter, ViT-B/16 at 224) add the feedback path (2 d x d per token and
+    layer) and the V injection (1 d x d): TOAST 2.24x, early/late 1.62x the backbone. Tolerance: TOAST within
+    [2.0, 2.35], early/late within [1.5, 1.75], early/late vs TOAST within 0.05 of the paper's 0.75."""
+    from harness.cost import forward_flops
+
+    flops = {m: forward_flops(meta_model(m), 224, "meta") for m in ("backbone", "toast", "toast-early", "toast-late")}
+    ratio = {m: flops[m] / flops["backbone"] for m in flops}
+    assert 2.0 <= ratio["toast"] <= 2.35, ratio
+    for variant in ("toast-early", "toast-late"):
+        assert 1.5 <= ratio[variant] <= 1.75, ratio
+        assert flops[variant] < flops["toast"]
+        assert ratio[variant] / ratio["toast"] == pytest.approx(0.75, abs=0.05)
+
+    for name, passes in (("toast", 2.0), ("toast-early", 1.5), ("toast-late", 1.5)):
+        model = build(name).eval()
+        calls = []
+        for blk in model.backbone.blocks:
+            blk.mlp.register_forward_hook(lambda *args: calls.append(1))
+        with torch.no_grad():
+            model(images(1))
+        assert len(calls) / model.depth == passes
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    from harness.cli import main
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_missing_checkpoint_names_the_pretune_command(make_suite, capsys, tmp_path):
+    # a section of its own (seed), so no checkpoint made by another test in this session can satisfy it
+    suite = make_suite("nopretuned", methods=["toast"], tasks=["demo-digits"],
+                       pretune={**TINY_PRETUNE, "auto": False, "seed": 12345})
+    code, _, err = _run(["run", "--suite", str(suite), "--no-progress", "--grid-points", "1"], capsys)
+    assert code == 2
+    assert f"run `harness pretune --suite nopretuned`" in err, err
+    suite = make_suite("nosection", methods=["toast"], tasks=["demo-digits"])
+    code, _, err = _run(["run", "--suite", str(suite), "--no-progress", "--grid-points", "1"], capsys)
+    assert code == 2 and "has no pretune section" in err and "`harness pretune --suite nosection`" in err, err
+    missing = tmp_path / "nowhere.pt"
+    suite = make_suite("badckpt", methods=["toast-late"], tasks=["demo-digits"],
+                       pretune={**TINY_PRETUNE, "auto": False, "checkpoint": str(missing)})
+    code, _, err = _run(["run", "--suite", str(suite), "--no-progress", "--grid-points", "1"], capsys)
+    assert code == 2
+    assert f"`harness pretune --suite badckpt --method toast-late --output {missing}`" in err, err
+
+
+def test_demo_end_to_end_pretunes_once_then_runs_the_protocol(make_suite, capsys, session_cache):
+    suite = make_suite("toastdemo", methods=["toast"], tasks=["demo-position"], pretune=TINY_PRETUNE,
+                       grids={"toast": {"lr": [0.25], "weight_decay": [0.0]}},
+                       protocol={"seeds": [42]}, train={"epochs": 2})
+    code, out, err = _run(["run", "--suite", str(suite), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "toast" in out
+    made = sorted((session_cache / "artifacts").glob("toast-pretuned-*.pt"))
+    assert made, "the auto pre-tuning left no checkpoint in the cache"
+    meta = json.loads(made[0].with_suffix(".json").read_text())
+    assert meta["data"]["task"] == "demo-upstream" and meta["provenance"]["git"] is not None
+    state, _ = read_checkpoint(made[0])
+    assert "top_down_transform" in state and "decoders.1.linear2.weight" in state
+    records = [json.loads(p.read_text()) for p in Path(suite.parent / "results").rglob("*.json")]
+    assert {r["spec"]["stage"] for r in records} == {"search", "final"}
+    assert all(r["status"] == "ok" and r["spec"]["pretune"]["task"] == "demo-upstream" for r in records)
+    # the command makes the same file the trials look up, so it has nothing to do now
+    code, out, _ = _run(["pretune", "--suite", str(suite), "--no-progress"], capsys)
+    assert code == 0 and "already pre-tuned" in out
+
+
+def test_pretune_command_writes_a_checkpoint_with_provenance(make_suite, capsys, tmp_path):
+    suite = make_suite("toastcmd", pretune={**TINY_PRETUNE, "auto": False})
+    output = tmp_path / "pretuned.pt"
+    code, out, err = _run(["pretune", "--suite", str(suite), "--output", str(output), "--no-progress",
+                           "--set", "pretune.var_loss_weight=0.1"], capsys)
+    assert code == 0, err
+    assert "pretune.checkpoint" in out
+    meta = json.loads(output.with_suffix(".json").read_text())
+    assert meta["pretune"]["var_loss_weight"] == 0.1 and meta["data"]["images"] == 1000
+    model = TopDownViT(build_backbone(TINY_BACKBONE), 5)
+    assert len(load_top_down(model, output).loaded) == 2 + 2 * 2  # prompt, P, 2 layers x 2 linears
+
+
+def test_pretune_reads_an_imagenet_style_image_folder(make_suite, capsys, tmp_path):
+    from PIL import Image
+
+    for label in ("n01440764", "n01443537"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / label / f"{i}.JPEG")
+    suite = make_suite("toastfolder", pretune={"image_folder": str(tmp_path / "train"), "epochs": 1,
+                                               "batch_size": 4, "warmup_epochs": 0, "cooldown_epochs": 0})
+    output = tmp_path / "folder.pt"
+    code, _, err = _run(["pretune", "--suite", str(suite), "--output", str(output), "--no-progress"], capsys)
+    assert code == 0, err
+    meta = json.loads(output.with_suffix(".json").read_text())
+    assert meta["data"]["images"] == 8 and meta["data"]["classes"] == 2
