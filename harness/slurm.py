@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import getpass
 import hashlib
 import json
@@ -51,7 +50,7 @@ import submitit
 from harness.errors import HarnessError, did_you_mean
 from harness.plan import Cell, final_specs, fixed_hparams, search_specs, select_best, trial_id
 from harness.runner import cell_status, run_cell
-from harness.store import Store
+from harness.store import Store, file_lock
 from harness.sweep import REPO_ROOT, Suite
 
 if TYPE_CHECKING:
@@ -287,13 +286,8 @@ class Ledger:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Held across 'ask the queue, then submit', so two `harness run`s cannot both submit a cell."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".submit.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with file_lock(self.folder / ".submit.lock"):
+            yield
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():

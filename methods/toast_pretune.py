@@ -142,11 +142,16 @@ def toast_pretuned(request: ArtifactRequest) -> Path:
     path = default_path(request.cache_dir, key)
     if path.exists():
         return path
+    if not cfg["auto"] and not (cfg["task"] or cfg["image_folder"]):
+        raise HarnessError(
+            f"no pre-tuned TOAST checkpoint for suite '{request.suite}': set pretune.image_folder (an ImageNet-style "
+            f"train folder) in the suite file and run `{command}`, or set pretune.checkpoint to an official TOAST "
+            "checkpoint")
     if not cfg["auto"]:
         raise HarnessError(
             f"no pre-tuned TOAST checkpoint for suite '{request.suite}' (looked for {path}): run `{command}` first, "
             "or set pretune.checkpoint to an official TOAST checkpoint")
-    from tasks.demo import file_lock
+    from harness.store import file_lock
 
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():

@@ -15,11 +15,9 @@ Everything is deterministic: the same seed gives the same images, bit for bit.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from harness.api import ARTIFACTS, TASKS, ArtifactRequest, DataContext, Task
+from harness.store import file_lock
 
 SIZE = 32
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -207,18 +206,6 @@ def gen_textures(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------- caching
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive lock, so parallel jobs wait for one producer instead of all producing the same file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def cached_arrays(cache_dir: Path, key: str, make) -> dict[str, np.ndarray]:
     path = cache_dir / "datasets" / "demo" / f"{key}-v{DATA_VERSION}.npz"
     if not path.exists():

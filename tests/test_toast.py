@@ -347,3 +347,16 @@ def test_pretune_reads_an_imagenet_style_image_folder(make_suite, capsys, tmp_pa
     assert code == 0, err
     meta = json.loads(output.with_suffix(".json").read_text())
     assert meta["data"]["images"] == 8 and meta["data"]["classes"] == 2
+
+
+@pytest.mark.parametrize("suite_name", ["vtab", "fgvc", "fgvc-search"])
+def test_real_suites_without_a_pretuned_module_name_the_command(suite_name, tmp_path):
+    from harness.api import ARTIFACTS, ArtifactRequest
+    from harness.plan import Cell, final_specs
+    from harness.sweep import load_suite
+
+    suite = load_suite(suite_name)
+    spec = final_specs(suite, Cell("toast", suite.tasks[0]), {"lr": 0.1})[0]
+    request = ArtifactRequest("toast-pretuned", suite.name, tmp_path, spec["backbone"], spec)
+    with pytest.raises(HarnessError, match=rf"pretune.image_folder .* run `harness pretune --suite {suite_name}`"):
+        ARTIFACTS.get("toast-pretuned")(request)
