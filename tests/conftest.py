@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let timm/peft reach for a hub (each retry costs ~50 s)
@@ -19,6 +20,10 @@ TINY_BACKBONE: dict[str, Any] = {
     "model_args": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
     "weights": None,
 }
+
+#: a TOAST pre-tuning stage small enough for a test: 1 epoch on the 1,000 upstream validation images
+TINY_PRETUNE: dict[str, Any] = {"task": "demo-upstream", "split": "val", "epochs": 1, "batch_size": 250, "lr": 0.001,
+                                "warmup_epochs": 0, "cooldown_epochs": 0, "auto": True, "checkpoint": None}
 
 TINY_SUITE: dict[str, Any] = {
     "suite": "tiny",
@@ -33,6 +38,16 @@ TINY_SUITE: dict[str, Any] = {
     "grids": {"linear": {"lr": [1.0, 0.1], "weight_decay": [0.0]},
               "finetune": {"lr": [0.001, 0.0001], "weight_decay": [0.0]}},
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting threads slow
+    every op ~10x. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

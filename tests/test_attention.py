@@ -12,20 +12,9 @@ from harness.commands.attention import attention_maps, cls_attention
 from methods.backbone import build_backbone
 from methods.common import BackboneClassifier
 from methods.toast import TopDownViT
-from conftest import TINY_BACKBONE
-
-TINY_PRETUNE = {"task": "demo-upstream", "split": "val", "epochs": 1, "batch_size": 250, "lr": 0.001,
-                "warmup_epochs": 0, "cooldown_epochs": 0, "auto": True, "checkpoint": None}
+from conftest import TINY_BACKBONE, TINY_PRETUNE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting threads slow
-    every op ~10x (this file: 10 s with one thread, minutes with two under load). Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def images(n: int = 2) -> torch.Tensor:

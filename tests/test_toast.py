@@ -14,25 +14,13 @@ from harness.api import METHODS, BuildContext
 from harness.errors import HarnessError
 from methods.backbone import build_backbone
 from methods.toast import TopDownViT, load_top_down, read_checkpoint, top_down_state
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, TINY_PRETUNE
 
 TOAST_METHODS = ["toast", "toast-lite", "toast-early", "toast-late", "toast-nopretune", "toast-notoken",
                  "toast-nochannel"]
 #: depth 4, so that the middle block (2) splits early/late feedback into non-empty halves
 DEEP = {**TINY_BACKBONE, "model_args": {**TINY_BACKBONE["model_args"], "depth": 4}}
-#: a pre-tuning stage small enough for a test: 1 epoch on the 1,000 upstream validation images
-TINY_PRETUNE = {"task": "demo-upstream", "split": "val", "epochs": 1, "batch_size": 250, "lr": 0.001,
-                "warmup_epochs": 0, "cooldown_epochs": 0, "auto": True, "checkpoint": None}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting threads slow
-    every op ~10x (this file: 10 s with one thread, minutes with two under load). Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def backbone(spec=DEEP, seed: int = 0):
