@@ -8,6 +8,7 @@ listing names stays fast.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ class BuildContext:
     resolve_artifact: Callable[[str], Path] = lambda name: (_ for _ in ()).throw(KeyError(name))  # noqa: E731
 
 
-class Method:
+class Method(abc.ABC):
     """A transfer-learning method.
 
     Subclasses set the class attributes and implement :meth:`build`. Which parameters train is whatever
@@ -60,9 +61,9 @@ class Method:
         """Fixed hyperparameters for one task (override for per-task defaults such as VPT's prompt length)."""
         return dict(self.defaults)
 
+    @abc.abstractmethod
     def build(self, backbone: "nn.Module", num_classes: int, ctx: BuildContext) -> "nn.Module":
         """Return the model to train: ``forward(images) -> logits``, with a ``head`` attribute (the task head)."""
-        raise NotImplementedError
 
     def decays(self, param_name: str, param: "torch.nn.Parameter") -> bool:
         """Whether weight decay applies to a trainable parameter. Default: everything but the head's bias (as the
@@ -85,7 +86,7 @@ class DataContext:
     settings: dict[str, Any] = field(default_factory=dict)  # e.g. {"preprocess": "vtab"}
 
 
-class Task:
+class Task(abc.ABC):
     """A downstream task: its splits, classes, transforms, metric and suite group."""
 
     name: str = ""
@@ -96,10 +97,10 @@ class Task:
     metric: str = "top1"
     higher_is_better: bool = True
 
+    @abc.abstractmethod
     def dataset(self, split: str, ctx: DataContext, train: bool) -> "torch.utils.data.Dataset":
         """Items are ``(image tensor, int label)`` with the task's transforms applied (train-time ones if
         ``train``)."""
-        raise NotImplementedError
 
     def fingerprint(self, split: str, ctx: DataContext) -> str:
         """A short hash of what defines the split's content (its list file, or its generator's settings)."""

@@ -25,6 +25,7 @@ Data settings read here (the suite's ``data:`` section, or ``--set data.KEY=VALU
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import random
@@ -147,16 +148,17 @@ class ListTask(Task):
     layout_hint: str = ""  # what the folder should hold, for "folder not found" messages
 
     # -- subclass hooks -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def split_file(self, root: Path, split: str) -> Path:
-        raise NotImplementedError
+        """The list file of a split."""
 
     def image_dir(self, root: Path) -> Path:
         """The folder the listed image paths are relative to."""
         return root
 
+    @abc.abstractmethod
     def parse(self, path: Path) -> tuple[list[Entry], list[str]]:
         """Entries of a split file and its format problems (malformed lines, duplicates)."""
-        raise NotImplementedError
 
     def expected_count(self, split: str) -> int | None:
         return None
@@ -172,8 +174,9 @@ class ListTask(Task):
         """Raw label -> contiguous id, or None when the raw labels already are the ids."""
         return None
 
+    @abc.abstractmethod
     def transform(self, ctx: DataContext, train: bool) -> Callable:
-        raise NotImplementedError
+        """The image transform of a split (train-time augmentation when ``train``)."""
 
     # -- where the data is ----------------------------------------------------------------------------------------
     def root(self, ctx: DataContext) -> Path | None:

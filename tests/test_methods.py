@@ -169,8 +169,13 @@ def test_vpt_shallow_inserts_prompts_once_and_vpt_init() -> None:
 
 
 class _FakeTask(Task):
+    """A task known only by name and family (VPT's prompt-length defaults read nothing else)."""
+
     def __init__(self, name: str, family: str):
         self.name, self.family = name, family
+
+    def dataset(self, split, ctx, train):
+        raise AssertionError("prompt-length defaults must not read data")
 
 
 @pytest.mark.parametrize("task_name,family,expected", [
