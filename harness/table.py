@@ -148,13 +148,16 @@ def _cost_columns(cost: dict[str, Any] | None, extra: tuple[str, ...], numeric: 
     cost = cost or {}
     out: dict[str, Any] = {}
 
-    def fmt(value, scale: float, digits: int):
+    def fmt(value, scale: float, digits: int | str):
+        """``digits`` decimals, or a format spec such as '.3g' (small demo models have thousands of parameters,
+        which three decimals of millions would show as 0.000)."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return None if numeric else MISSING
-        return value / scale if numeric else f"{value / scale:.{digits}f}"
+        spec = digits if isinstance(digits, str) else f".{digits}f"
+        return value / scale if numeric else format(value / scale, spec)
 
     if "params" in extra:
-        out["# params (M)"] = fmt(cost.get("trainable"), 1e6, 3)
+        out["# params (M)"] = fmt(cost.get("trainable"), 1e6, ".3g")
     if "flops" in extra:
         out["GFLOPs/img"] = fmt(cost.get("flops"), 1e9, 3)
     if "throughput" in extra:

@@ -29,7 +29,7 @@ def test_table_values_come_from_records(make_suite, tmp_path):
     assert linear.split("|")[-4].strip() == "50.0"  # mean over the three tasks: (65 + 50 + 35) / 3
     assert "**85.0 ± 5.0**" in finetune  # best in its column
     assert finetune.count("–") >= 3  # missing cells are shown, not dropped; no group/overall mean for it
-    assert "0.250" in finetune and "0.001" in linear  # '# params (M)'
+    assert "| 0.25 " in finetune and "| 0.001 " in linear  # '# params (M)', 3 significant digits
     assert "2.000" in linear  # GFLOPs/img
     header = text.splitlines()[0]
     assert header.index("demo-digits") < header.index("natural (mean)") < header.index("| mean")
