@@ -1,5 +1,6 @@
-"""Executors without a cluster: ``--executor local`` end to end through the CLI, and the SLURM executor's own logic
-(settings, code check, array chunking, no double submission) against a faked queue."""
+"""Executors without a cluster: the registry, ``--executor inline``'s exit code and output, ``--executor local`` end
+to end through the CLI, and the SLURM executor's own logic (settings, code check, array chunking, no double
+submission, dead ends) against a faked queue."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import argparse
 import collections
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.plan import Cell, final_specs, plan_cells, search_specs, trial_id
+from harness.plan import Cell, TrialSpec, final_specs, plan_cells, search_specs
 from harness.store import Store
 from harness.sweep import load_suite
+from harness.train import TrialEnv
 
 #: tests run while others may edit the tree: a job must not refuse because a file changed under it
 NO_CODE_REFUSAL = {"code_check": "warn"}
@@ -28,8 +33,8 @@ def planned_ids(suite_path: Path, methods: list[str], tasks: list[str], **overri
     ids = set()
     for cell in plan_cells(methods, tasks):
         searched = search_specs(suite, cell)
-        ids |= {trial_id(s) for s in searched}
-        ids |= {trial_id(s) for s in final_specs(suite, cell, searched[0]["hparams"])}
+        ids |= {s.id for s in searched}
+        ids |= {s.id for s in final_specs(suite, cell, searched[0].hparams)}
     return ids
 
 
@@ -37,7 +42,7 @@ def done_lines(jobs_dir: Path) -> collections.Counter:
     """How many times each trial id finished, over every job log (a trial that ran twice shows up twice)."""
     counts: collections.Counter = collections.Counter()
     for log in jobs_dir.rglob("*_log.out"):
-        counts.update(re.findall(r"\] done \w+ ([0-9a-f]{16}) ", log.read_text()))
+        counts.update(re.findall(r"\] done \S+ \w+ ([0-9a-f]{16}) ", log.read_text()))
     return counts
 
 
@@ -68,7 +73,7 @@ def test_status_shows_a_failed_local_cell_with_its_log(make_suite, tmp_path, cap
     suite = make_suite(executor=NO_CODE_REFUSAL)
     results = tmp_path / "results"
     select = ["--suite", str(suite), "--results", str(results), "--methods", "linear", "--tasks", "demo-digits",
-              "--set", "grids.linear.lr=[-1.0]", "--grid-points", "1", "--seeds", "1"]
+              "--set", "backbone.model_args.img_size=48", "--grid-points", "1", "--seeds", "1"]
     assert main(["run", *select, "--executor", "local", "--no-progress", "--no-table"]) == 1
     assert "failed: linear/demo-digits" in capsys.readouterr().out
 
@@ -79,7 +84,7 @@ def test_status_shows_a_failed_local_cell_with_its_log(make_suite, tmp_path, cap
     failed = out[out.index("failed: linear/demo-digits"):]
     log = re.search(r"log (\S+_log\.err)", failed).group(1)
     assert Path(log).is_file()
-    assert "Invalid learning rate" in failed  # the last lines of the job's error
+    assert "Input height (32) doesn't match model (48)" in failed  # the last lines of the job's error
 
 
 # -- settings and code identity ------------------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def _args(**flags) -> argparse.Namespace:
 
 
 def test_settings_merge_suite_then_command_line(make_suite):
-    from harness.slurm import settings_from
+    from harness.executors.settings import settings_from
 
     suite = load_suite(str(make_suite(slurm={"partition": "gpu", "time": 600, "gpus": 1, "setup": ["module load x"],
                                              "sbatch": {"constraint": "a100"}},
@@ -104,7 +109,7 @@ def test_settings_merge_suite_then_command_line(make_suite):
 
 
 def test_settings_errors_are_one_clear_line(make_suite):
-    from harness.slurm import settings_from
+    from harness.executors.settings import settings_from
 
     with pytest.raises(HarnessError, match=r"slurm\.partion: unknown key; did you mean: partition"):
         settings_from(load_suite(str(make_suite(slurm={"partion": "gpu"}))), _args())
@@ -114,7 +119,7 @@ def test_settings_errors_are_one_clear_line(make_suite):
 
 
 def test_a_job_refuses_code_that_changed_since_submission(tmp_path, capsys):
-    from harness.slurm import check_code, code_fingerprint, code_identity
+    from harness.executors.code import check_code, code_fingerprint, code_identity
 
     for folder in ("harness", "methods", "tasks"):
         (tmp_path / folder).mkdir()
@@ -165,12 +170,22 @@ class FakeSlurm:
         return Executor()
 
 
-def test_slurm_submission_is_chunked_and_never_doubled(make_suite, tmp_path, capsys, monkeypatch):
-    import harness.slurm as slurm
+@pytest.fixture
+def fake_slurm(monkeypatch) -> FakeSlurm:
+    """The SLURM executor and the queue queries talking to a FakeSlurm (arrays of at most 3)."""
+    import harness.executors.queue as queue
+    import harness.executors.slurm as slurm
 
     fake = FakeSlurm(max_array=3)
-    monkeypatch.setattr(slurm, "_command", fake.command)
+    monkeypatch.setattr(queue, "_command", fake.command)
     monkeypatch.setattr(slurm, "slurm_executor", fake.executor)
+    return fake
+
+
+def test_slurm_submission_is_chunked_and_never_doubled(make_suite, tmp_path, capsys, fake_slurm):
+    from harness.executors.status import cell_reports
+
+    fake = fake_slurm
     results = tmp_path / "results"
     argv = ["run", "--suite", str(make_suite(tasks=["demo-digits", "demo-position", "demo-count"])),
             "--results", str(results), "--executor", "slurm", *SMOKE]
@@ -195,7 +210,105 @@ def test_slurm_submission_is_chunked_and_never_doubled(make_suite, tmp_path, cap
 
     store = Store(results)
     suite = load_suite(argv[2], grid_points=1, seeds=1)
-    reports, warning = slurm.cell_reports(suite, plan_cells(["linear"], ["demo-digits"]), store)
+    reports, warning = cell_reports(suite, plan_cells(["linear"], ["demo-digits"]), store)
     assert warning is None and reports[0].state == "pending" and reports[0].job.state == "PENDING"
+    assert reports[0].counts == {"done": 0, "diverged": 0, "failed": 0, "pending": 2} and reports[0].stale == 0
     assert not store.scan("tiny")  # the ledger is no record
     assert Cell("linear", "demo-digits").key in ledger.read_text()
+
+
+# -- the registry and the inline executor --------------------------------------------------------------------------
+def test_the_registry_is_lazy_and_names_what_returns_early():
+    from harness.executors import EXECUTORS
+
+    assert list(EXECUTORS) == ["inline", "local", "slurm"]
+    assert [e.returns_before_done for e in EXECUTORS.values()] == [False, False, True]
+    from harness.executors.local import run_local
+    from harness.executors.slurm import run_slurm
+
+    assert EXECUTORS["local"].load() is run_local and EXECUTORS["slurm"].load() is run_slurm
+    probe = ("import sys, harness.executors as e; e.EXECUTORS['inline'].load(); "
+             "print(sorted(m for m in ('submitit', 'harness.executors.job') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # listing executors and running inline never import submitit
+
+
+def _diverged(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
+    """What harness.train.run_trial returns for a trial whose loss went non-finite."""
+    return {"id": spec.id, "spec": spec.to_dict(), "status": "diverged", "metrics": {"eval": None}, "curve": [],
+            "params": {}, "provenance": {}, "wall_time_s": 0.0}
+
+
+def test_inline_returns_1_for_a_dead_end_and_speaks_after_its_bar(make_suite, tmp_path, capsys, monkeypatch,
+                                                                   session_cache):
+    """Every search trial diverged: no winner, no finals, exit code 1; the lines come after the bar is closed."""
+    import tqdm.auto
+
+    from harness.executors import EXECUTORS
+
+    events: list[str] = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def write(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+            events.append("bar.write")
+
+        def close(self) -> None:
+            if not self.disable:
+                events.append("close; stdout so far: " + capsys.readouterr().out)
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    monkeypatch.setattr("harness.train.run_trial", _diverged)
+    suite = load_suite(str(make_suite()), grid_points=2, seeds=1)
+    store = Store(tmp_path / "results")
+    cell = Cell("linear", "demo-digits")
+    env = TrialEnv(cache_dir=session_cache, device="cpu", progress=True)
+
+    assert EXECUTORS["inline"](suite, [cell], store, env, argparse.Namespace(), total_pending=3) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert events == ["close; stdout so far: "]  # nothing printed while the bar was open, nothing through it
+    specs = search_specs(suite, cell)
+    assert [(s.hparams["lr"], s.seed) for s in specs] == [(1.0, 42), (0.1, 42)]
+    assert out == [f"diverged: linear/demo-digits search {specs[0].id} hparams={specs[0].hparams} seed=42 "
+                   "(recorded; selection skips it)",
+                   f"diverged: linear/demo-digits search {specs[1].id} hparams={specs[1].hparams} seed=42 "
+                   "(recorded; selection skips it)",
+                   "no result: linear/demo-digits: no search trial finished (all diverged); final trials not run"]
+    assert EXECUTORS["inline"](suite, [cell], store, env, argparse.Namespace()) == 1  # nothing to run: still 1
+    assert capsys.readouterr().out.splitlines() == out[-1:]
+
+
+def test_a_dead_end_through_the_cli_status_and_slurm(make_suite, tmp_path, capsys, fake_slurm):
+    """A real diverging search (lr 1e38: the loss overflows float32): `run` exits 1 and says why, `status` says
+    "no result", the SLURM executor submits nothing for it and exits 1; an edited grid turns its record stale."""
+    from harness.executors.status import cell_reports
+
+    path = make_suite(grids={"linear": {"lr": [1.0e38], "weight_decay": [0.0]}})
+    results = tmp_path / "results"
+    select = ["--suite", str(path), "--results", str(results), "--methods", "linear", "--tasks", "demo-digits",
+              "--seeds", "1"]
+    assert main(["run", *select, "--no-progress", "--no-table"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^diverged: linear/demo-digits search [0-9a-f]{16} hparams=\{[^}]*'lr': 1e\+38", out, re.M)
+    assert "\nno result: linear/demo-digits: no search trial finished (all diverged); final trials not run\n" in out
+    [record] = [json.loads(p.read_text()) for p in results.rglob("*.json")]
+    assert record["status"] == "diverged"
+
+    assert main(["status", *select]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("linear/demo-digits"))
+    assert row.split()[1:7] == ["no", "result", "0", "1", "0", "1"]  # done diverged failed pending(the final)
+    assert "no result: linear/demo-digits: no search trial finished (all diverged)" in out
+
+    assert main(["run", *select, "--executor", "slurm", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "no result: linear/demo-digits: no search trial finished (all diverged); final trials not run " \
+           "(not submitted)" in out and "nothing to submit" in out
+    assert fake_slurm.arrays == [] and not (results / "tiny" / "_jobs" / "submissions.jsonl").exists()
+
+    path.write_text(path.read_text().replace("1.0e+38", "0.5"))  # the grid changes: the old record is stale
+    suite = load_suite(str(path), seeds=1)
+    [report], _ = cell_reports(suite, plan_cells(["linear"], ["demo-digits"]), Store(results))
+    assert (report.state, report.counts, report.stale) == ("pending", {"done": 0, "diverged": 0, "failed": 0,
+                                                                      "pending": 2}, 1)
+    assert [p.name for p in report.stale_paths] == [f"search-{record['id']}.json"]

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.plan import final_specs, plan_cells, search_specs, trial_id
+from harness.plan import final_specs, plan_cells, search_specs
 from harness.sweep import load_suite
 
 
@@ -124,7 +124,7 @@ def done_counts(results: Path) -> collections.Counter:
     """How many times each trial finished, over all job logs: a trial that ran twice counts 2."""
     counts: collections.Counter = collections.Counter()
     for log in results.rglob("*_log.out"):
-        counts.update(re.findall(r"\] done \w+ ([0-9a-f]{16}) ", log.read_text()))
+        counts.update(re.findall(r"\] done \S+ \w+ ([0-9a-f]{16}) ", log.read_text()))
     return counts
 
 
@@ -133,8 +133,8 @@ def trial_ids(suite: Path, method: str, task: str) -> tuple[str, str]:
     loaded = load_suite(str(suite), grid_points=1, seeds=1)
     cell = plan_cells([method], [task])[0]
     [search] = search_specs(loaded, cell)
-    [final] = final_specs(loaded, cell, search["hparams"])
-    return trial_id(search), trial_id(final)
+    [final] = final_specs(loaded, cell, search.hparams)
+    return search.id, final.id
 
 
 def assert_complete_once(results: Path, n_trials: int) -> list[dict]:
@@ -187,7 +187,7 @@ def test_a_cell_cancelled_mid_trial_resumes_when_resubmitted(make_suite, harness
     epochs = search["spec"]["train"]["epochs"]
     assert [c["epoch"] for c in search["curve"]] == list(range(1, epochs + 1))  # resumed: no gap, no repeat
     log = Path(ledger(harness.results)[-1]["stdout"]).read_text()
-    assert f"resuming search {search['id']}" in log and not ckpt.exists()
+    assert f"resuming finetune/demo-digits search {search['id']}" in log and not ckpt.exists()
 
 
 def test_requeued_cells_resume_scontrol_requeue_and_the_timeout_signal(make_suite, harness, slow):
@@ -209,8 +209,9 @@ def test_requeued_cells_resume_scontrol_requeue_and_the_timeout_signal(make_suit
     wait(lambda: not in_queue([first, second]), 200, "both requeued jobs to finish", every=1)
     assert_complete_once(harness.results, 4)
     log0, log1 = (Path(e["stdout"]).read_text() for e in ledger(harness.results))
-    assert "(restart 1)" in log0 and "1 trials ran, 1 already recorded" in log0 and "resuming final" in log0
-    assert "checkpoint: requeued" in log1 and "resuming search" in log1
+    assert "(restart 1)" in log0 and "1 trials ran, 1 already recorded" in log0
+    assert f"resuming finetune/demo-digits final {final}" in log0
+    assert "checkpoint: requeued" in log1 and "resuming finetune/demo-position search" in log1
     code, out = harness("status", "--suite", str(suite), "--tasks", "demo-digits,demo-position", "--grid-points", "1",
                         "--seeds", "1")
     assert "2 cells: 4 done" in out
@@ -218,14 +219,14 @@ def test_requeued_cells_resume_scontrol_requeue_and_the_timeout_signal(make_suit
 
 def test_status_reports_a_failing_cell_with_its_log(make_suite, harness):
     select = ["--suite", str(make_suite(**JOBS)), "--methods", "linear", "--tasks", "demo-digits",
-              "--set", "grids.linear.lr=[-1.0]", "--grid-points", "1", "--seeds", "1"]
+              "--set", "backbone.model_args.img_size=48", "--grid-points", "1", "--seeds", "1"]
     assert harness("run", *select, "--executor", "slurm", "--no-progress")[0] == 0
     wait_gone([e["job_id"] for e in ledger(harness.results)], 120)
     code, out = harness("status", *select)
     row = next(line for line in out.splitlines() if line.startswith("linear/demo-digits"))
     assert code == 0 and row.split()[1] == "failed" and "FAILED" in row
     log = Path(re.search(r"log (\S+_log\.err)", out).group(1))
-    assert log.is_file() and "Invalid learning rate" in out
+    assert log.is_file() and "Input height (32) doesn't match model (48)" in out
 
 
 def test_a_second_run_does_not_submit_queued_cells_again(make_suite, harness):
@@ -245,3 +246,22 @@ def test_a_second_run_does_not_submit_queued_cells_again(make_suite, harness):
     wait_gone(ids, 30)
     code, out = harness("run", *select)  # cancelled cells are not alive any more: submitted again
     assert code == 0 and "submitted 2 cell(s)" in out and len(ledger(harness.results)) == 4
+
+
+def test_a_cell_whose_search_all_diverged_is_no_result_and_not_resubmitted(make_suite, harness):
+    select = ["--suite", str(make_suite(**JOBS)), "--methods", "linear", "--tasks", "demo-digits",
+              "--set", "grids.linear.lr=[1.0e+38]", "--grid-points", "1", "--seeds", "1"]
+    assert harness("run", *select, "--executor", "slurm", "--no-progress")[0] == 0
+    [job] = [e["job_id"] for e in ledger(harness.results)]
+    wait_gone([job], 120)
+    [record] = records(harness.results)
+    assert record["status"] == "diverged"
+    log = Path(ledger(harness.results)[0]["stdout"]).read_text()
+    assert "1 trials ran, 0 already recorded; no search trial finished (all diverged)" in log
+
+    code, out = harness("status", *select)
+    row = next(line for line in out.splitlines() if line.startswith("linear/demo-digits"))
+    assert code == 0 and row.split()[1:3] == ["no", "result"] and row.split()[-1] == "COMPLETED"
+    assert "no result: linear/demo-digits: no search trial finished (all diverged)" in out
+    code, out = harness("run", *select, "--executor", "slurm", "--no-progress")
+    assert code == 1 and "(not submitted)" in out and "nothing to submit" in out and len(ledger(harness.results)) == 1
