@@ -1,9 +1,14 @@
-"""The plug-in interface: what a method and a task declare, and the registries they register into.
+"""The plug-in interface: what a method and a task declare, the registries they are listed in, and the engine
+services a plug-in may use.
 
-A method file (``methods/<family>.py``) subclasses :class:`Method` and registers an instance; a task file
-(``tasks/<suite family>.py``) does the same with :class:`Task`. The engine only talks to these interfaces.
-Heavy imports (torch, timm, peft) belong inside the functions of plug-ins, or at least not in this file, so that
-listing names stays fast.
+A method file (``methods/<family>.py``) subclasses :class:`Method`; a task file (``tasks/<suite family>.py``)
+subclasses :class:`Task`. The method's name is written once, in ``methods/__init__.py``'s ``INDEX``
+(``"linear": "methods.linear:LinearProbe"``); the registry instantiates the class and gives it that name. The
+engine only talks to these interfaces, and plug-ins import only this module and :mod:`harness.errors`.
+
+Engine services for plug-ins (imported lazily on first use, so ``import harness.api`` stays free of torch):
+``fit`` and ``FitResult`` (the one training loop), ``seed_everything``, ``pick_device``, ``build_backbone``,
+``resolve_weights``, ``file_fingerprint``, ``file_lock``, ``atomic_write_json``, ``provenance``, ``cls_attention``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,39 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
+#: the input size when a suite's ``data.image_size`` says nothing (ViT-B/16's 224)
+DEFAULT_IMAGE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+#: engine services plug-ins may use: name -> "module:attr", imported on first access (PEP 562)
+_SERVICES = {
+    "fit": "harness.loop:fit",
+    "FitResult": "harness.loop:FitResult",
+    "seed_everything": "harness.loop:seed_everything",
+    "pick_device": "harness.loop:pick_device",
+    "build_backbone": "harness.backbone:build_backbone",
+    "resolve_weights": "harness.backbone:resolve_weights",
+    "file_fingerprint": "harness.backbone:file_fingerprint",
+    "file_lock": "harness.files:file_lock",
+    "atomic_write_json": "harness.files:atomic_write_json",
+    "provenance": "harness.provenance:provenance",
+    "cls_attention": "harness.attention:cls_attention",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVICES:
+        import importlib
+
+        module, attr = _SERVICES[name].split(":")
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'harness.api' has no attribute '{name}'")
+
 
 @dataclass
 class BuildContext:
@@ -29,6 +67,8 @@ class BuildContext:
     suite: str
     cache_dir: Path
     device: str = "cpu"
+    #: the task the model is built for (per-task defaults; the segmentation kind later)
+    task: "Task | None" = None
     #: True when the model is built only to be inspected (parameter counts, FLOPs): a method must then not
     #: resolve artifacts such as pre-tuned checkpoints, and builds with its random initialisation instead
     random_init: bool = False
@@ -57,6 +97,33 @@ class Method(abc.ABC):
     #: specs, so changing them changes its trial ids and nobody else's
     suite_sections: tuple[str, ...] = ()
 
+    #: hyperparameter keys the method accepts besides its grid axes, its defaults, lr and weight_decay (suite
+    #: files are validated against these: a typo such as ``prompt_lenght`` is refused)
+    hparam_keys: tuple[str, ...] = ()
+    #: the values a hyperparameter may take, where it is a choice (e.g. finetune's ``optimizer``); suite files and
+    #: ``--set`` are checked against them before anything runs
+    hparam_choices: dict[str, tuple[Any, ...]] = {}
+
+    def accepted_hparams(self) -> set[str]:
+        return {"lr", "weight_decay", *self.grid, *self.defaults, *self.hparam_keys}
+
+    def section_keys(self, section: str) -> dict[str, Any]:
+        """The keys one of this method's ``suite_sections`` accepts, with their defaults (for validation)."""
+        return {}
+
+    def backbone_args(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Extra ``timm.create_model`` arguments this trial's backbone is built with. ``frozen_eval: false`` (the
+        official TOAST code's choice) trains with drop-path ``drop_path`` (default 0.1) in the frozen backbone;
+        the default ``frozen_eval: true`` keeps the frozen backbone in eval mode with no drop-path."""
+        if hparams.get("frozen_eval", True) is False:
+            return {"drop_path_rate": float(hparams.get("drop_path", 0.1))}
+        return {}
+
+    def optimizer_for(self, hparams: dict[str, Any]) -> tuple[str, float]:
+        """(optimizer kind, weight decay) for a trial: ``"sgd"`` (momentum 0.9) or ``"adamw"``. Override when a
+        setting changes the optimiser (e.g. the official fine-tuning code's AdamW/SGD switch)."""
+        return self.optimizer, float(hparams.get("weight_decay", 0.0))
+
     def defaults_for(self, task: "Task") -> dict[str, Any]:
         """Fixed hyperparameters for one task (override for per-task defaults such as VPT's prompt length)."""
         return dict(self.defaults)
@@ -82,8 +149,11 @@ class DataContext:
 
     data_root: Path | None
     cache_dir: Path
-    image_size: int
-    settings: dict[str, Any] = field(default_factory=dict)  # e.g. {"preprocess": "vtab"}
+    image_size: int = DEFAULT_IMAGE_SIZE
+    settings: dict[str, Any] = field(default_factory=dict)  # e.g. {"preprocess": "vpt"}
+    #: input normalisation, resolved by the engine from ``data.normalize`` (default: the backbone's own config)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 class Task(abc.ABC):
@@ -96,6 +166,9 @@ class Task(abc.ABC):
     splits: tuple[str, ...] = ()
     metric: str = "top1"
     higher_is_better: bool = True
+    #: keys of a suite's ``data:`` section this task reads besides the engine's (root, roots, image_size,
+    #: normalize), e.g. VTAB's ``preprocess``; suite files are validated against them
+    data_keys: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def dataset(self, split: str, ctx: DataContext, train: bool) -> "torch.utils.data.Dataset":
@@ -123,12 +196,24 @@ ARTIFACTS: Registry[Callable[..., Path]] = Registry("artifact", "methods:ARTIFAC
 
 @dataclass
 class ArtifactRequest:
-    """What an artifact provider gets: where caches live, the suite asking, its backbone spec, and the trial
-    spec that needs the artifact (or None outside a trial, e.g. ``harness pretune``)."""
+    """What an artifact provider gets. In a trial (``make=False``) the provider returns the artifact's path,
+    making it first only where the suite allows (e.g. the demo's ``pretune.auto``), else raising a HarnessError
+    that names the command that makes it. ``harness pretune`` asks with ``make=True``: a provider that is a
+    stage (TOAST's pre-tuning) then runs it now (again with ``force``), writing ``output`` when given."""
 
     name: str
     suite: str
     cache_dir: Path
     backbone: dict[str, Any]
-    spec: dict[str, Any] | None = None
+    #: the method asking, and the suite sections it declared in ``suite_sections`` (e.g. ``{"pretune": {...}}``)
+    method: str | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
+    #: the data settings trials use (image_size, normalisation), so a stage sees the same inputs as tuning
+    data: DataContext | None = None
+    #: the overrides of the run asking (to print a command that makes the same artifact)
+    overrides: dict[str, Any] = field(default_factory=dict)
     data_root: Path | None = None
+    make: bool = False
+    force: bool = False
+    output: Path | None = None
+    progress: bool = True

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.api import DEFAULT_IMAGE_SIZE
+
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameters without the task head, the head's, and the model's total (shared tensors once)."""
@@ -84,7 +86,7 @@ def _extra_flop_formulas() -> dict[Any, Any]:
     return formulas
 
 
-def reference_image_size(backbone: nn.Module, default: int = 224) -> int:
+def reference_image_size(backbone: nn.Module, default: int = DEFAULT_IMAGE_SIZE) -> int:
     """The input size a timm backbone was built for (``patch_embed.img_size``, else its pretrained config)."""
     size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
     if size is None:
@@ -105,7 +107,7 @@ def method_cost(method: Any, backbone_spec: dict[str, Any], num_classes: int, hp
     """
     from harness.api import BuildContext
     from harness.store import default_cache_dir
-    from methods.backbone import build_backbone
+    from harness.backbone import build_backbone
 
     spec = dict(backbone_spec)
     spec["weights"] = None
@@ -143,7 +145,7 @@ def _model_image_size(model: nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, "patch_embed"):
             return reference_image_size(module)
-    return 224
+    return DEFAULT_IMAGE_SIZE
 
 
 class PeakMemory:

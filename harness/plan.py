@@ -10,21 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sklearn.model_selection import ParameterGrid
-
-from harness.api import METHODS, TASKS, Method, Task
+from harness.api import DEFAULT_IMAGE_SIZE, METHODS, TASKS, Method, Task
 from harness.errors import HarnessError
 from harness.sweep import Suite
 
-SPEC_VERSION = 1
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.store import Store
+
+#: 2: specs are TrialSpec dataclasses; suite sections a method reads moved under ``sections``
+SPEC_VERSION = 2
 
 
-def trial_id(spec: dict[str, Any]) -> str:
+def trial_id(spec: "TrialSpec | dict[str, Any]") -> str:
     """A stable id: the first 16 hex digits of the sha256 of the spec's canonical JSON."""
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    payload = spec.to_dict() if isinstance(spec, TrialSpec) else spec
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -38,19 +42,69 @@ class Cell:
         return f"{self.method}/{self.task}"
 
 
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything that defines what one trial computes, and nothing else (where data lives, devices and
+    progress bars are not in it). Its id is the hash of :meth:`to_dict`, so the same spec always lands in the same
+    record file and rerunning is resuming. Records carry ``to_dict()``; :meth:`from_dict` reads it back."""
+
+    suite: str
+    method: str
+    task: str
+    stage: str  # "search" (scored on the validation split) or "final" (reported on the test split)
+    train_split: str
+    eval_split: str
+    hparams: dict[str, Any]
+    seed: int
+    backbone: dict[str, Any]
+    train: dict[str, Any]
+    data: dict[str, Any]  # data settings that change what is computed (image_size, normalize, preprocess, ...)
+    protocol: dict[str, Any]
+    overrides: dict[str, Any]
+    #: the suite sections the method declared in ``suite_sections`` (e.g. TOAST's ``pretune``)
+    sections: dict[str, Any] = field(default_factory=dict)
+    spec_version: int = SPEC_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrialSpec":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def id(self) -> str:
+        return trial_id(self)
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.method, self.task)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data.get("image_size", DEFAULT_IMAGE_SIZE))
+
+    def label(self) -> str:
+        return f"{self.method}/{self.task} {self.stage} {self.id} hparams={self.hparams} seed={self.seed}"
+
+
 def select_names(suite: Suite, methods: str | None, tasks: str | None) -> tuple[list[str], list[str]]:
-    """Methods and tasks picked with comma lists and wildcards; defaults are the suite's own lists. Tasks named
-    in a suite's ``task_lists`` (e.g. ``vtab-paper``) expand to their members."""
+    """Methods and tasks picked with comma lists and wildcards; defaults are the suite's own lists."""
     method_names = METHODS.match(methods) if methods else METHODS.match(suite.methods)
+    return method_names, select_tasks(suite, tasks)
+
+
+def select_tasks(suite: Suite, tasks: str | None) -> list[str]:
+    """The suite's tasks, or a comma list (wildcards allowed) in which the suite's ``task_lists`` (e.g.
+    ``vtab-paper``) expand to their members."""
+    if not tasks:
+        return TASKS.match(suite.tasks)
     lists = suite.raw.get("task_lists") or {}
-    if tasks:
-        patterns: list[str] = []
-        for pattern in tasks.split(","):
-            patterns += lists.get(pattern.strip(), [pattern])
-        task_names = TASKS.match(patterns)
-    else:
-        task_names = TASKS.match(suite.tasks)
-    return method_names, task_names
+    patterns: list[str] = []
+    for pattern in tasks.split(","):
+        patterns += lists.get(pattern.strip(), [pattern])
+    return TASKS.match(patterns)
 
 
 def plan_cells(method_names: list[str], task_names: list[str]) -> list[Cell]:
@@ -71,7 +125,12 @@ def grid_points(method: Method, task: Task, suite: Suite) -> list[dict[str, Any]
     grid = search_grid(method, suite)
     for axis in grid:
         fixed.pop(axis, None)
-    points = [dict(fixed, **point) for point in ParameterGrid(grid)] if grid else [dict(fixed)]
+    if grid:
+        from sklearn.model_selection import ParameterGrid  # lazy: scikit-learn costs ~0.5 s to import
+
+        points = [dict(fixed, **point) for point in ParameterGrid(grid)]
+    else:
+        points = [dict(fixed)]
     limit = suite.overrides.get("grid_points")
     return points[:limit] if limit else points
 
@@ -90,24 +149,20 @@ def final_hparams_fixed(method: Method, task: Task, suite: Suite) -> dict[str, A
     return hp
 
 
-def make_spec(suite: Suite, cell: Cell, stage: str, hparams: dict[str, Any], seed: int) -> dict[str, Any]:
+def make_spec(suite: Suite, cell: Cell, stage: str, hparams: dict[str, Any], seed: int) -> TrialSpec:
     section = suite.protocol["search" if stage == "search" else "final"]
-    spec = {"spec_version": SPEC_VERSION, **suite.spec_base()}
-    spec.update(
-        method=cell.method,
-        task=cell.task,
-        stage=stage,
-        train_split=section["train"],
-        eval_split=section["eval"],
-        hparams=dict(sorted(hparams.items())),
-        seed=int(seed),
+    base = suite.spec_base()
+    return TrialSpec(
+        suite=base["suite"], method=cell.method, task=cell.task, stage=stage,
+        train_split=section["train"], eval_split=section["eval"],
+        hparams=dict(sorted(hparams.items())), seed=int(seed),
+        backbone=base["backbone"], train=base["train"], data=base["data"], protocol=base["protocol"],
+        overrides=base["overrides"],
+        sections={key: suite.raw.get(key) for key in METHODS.get(cell.method).suite_sections},
     )
-    for key in METHODS.get(cell.method).suite_sections:
-        spec[key] = suite.raw.get(key)
-    return spec
 
 
-def search_specs(suite: Suite, cell: Cell) -> list[dict[str, Any]]:
+def search_specs(suite: Suite, cell: Cell) -> list[TrialSpec]:
     if suite.protocol["kind"] != "search-then-final":
         return []
     method, task = METHODS.get(cell.method), TASKS.get(cell.task)
@@ -115,7 +170,7 @@ def search_specs(suite: Suite, cell: Cell) -> list[dict[str, Any]]:
     return [make_spec(suite, cell, "search", hp, seed) for hp in grid_points(method, task, suite)]
 
 
-def final_specs(suite: Suite, cell: Cell, hparams: dict[str, Any]) -> list[dict[str, Any]]:
+def final_specs(suite: Suite, cell: Cell, hparams: dict[str, Any]) -> list[TrialSpec]:
     return [make_spec(suite, cell, "final", hparams, seed) for seed in suite.seeds]
 
 
@@ -149,3 +204,126 @@ def select_best(records: list[dict[str, Any]], higher_is_better: bool = True) ->
     if not candidates:
         return None
     return min(candidates, key=lambda c: c[:3])[3]
+
+
+# ---------------------------------------------------------------------------------------------- protocol state
+#: record status -> the word status tables use
+STATE_OF_STATUS = {"ok": "done", "diverged": "diverged", "failed": "failed"}
+
+
+@dataclass
+class Slot:
+    """One planned trial and its valid record, if any."""
+
+    spec: TrialSpec
+    record: dict[str, Any] | None
+
+    @property
+    def state(self) -> str:
+        """done / diverged / failed / pending."""
+        return "pending" if self.record is None else STATE_OF_STATUS[self.record["status"]]
+
+    @property
+    def finished(self) -> bool:
+        """Done or diverged: not run again. A failed trial (an exception) is retried."""
+        return self.state in ("done", "diverged")
+
+
+@dataclass
+class CellState:
+    """Where one cell stands in its protocol, computed from records alone by :func:`cell_state`.
+
+    ``hparams`` are the final trials' hyperparameters: the search winner's, or the suite's fixed ones; None while
+    the search is unfinished (a failed trial is retried before anything is selected, so a retried trial can never
+    change the winner after finals ran) or when no search trial finished (every point diverged).
+    """
+
+    cell: Cell
+    search: list[Slot]
+    winner: dict[str, Any] | None
+    hparams: dict[str, Any] | None
+    finals: list[Slot]
+    n_finals: int  # planned final trials (the protocol's seeds), known before the winner is
+    blocked: str = ""  # why the finals are not planned yet ("" when they are)
+    stale: list[Path] = field(default_factory=list)  # records of these settings that the plan no longer has
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self.search + self.finals
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = {"done": 0, "diverged": 0, "failed": 0, "pending": 0}
+        for slot in self.slots:
+            counts[slot.state] += 1
+        if self.hparams is None:
+            counts["pending"] += self.n_finals
+        return counts
+
+    @property
+    def dead_end(self) -> bool:
+        """Every search trial finished and none is usable (all diverged): the cell cannot produce a number."""
+        return bool(self.search) and all(s.finished for s in self.search) and self.winner is None
+
+    @property
+    def complete(self) -> bool:
+        """The winner's (or the fixed) final trials all have finished records."""
+        return self.hparams is not None and all(s.finished for s in self.finals)
+
+    def to_run(self) -> list[TrialSpec]:
+        """The trials a run would start now, in order (unfinished search trials, else unfinished finals)."""
+        pending_search = [s.spec for s in self.search if not s.finished]
+        if pending_search or self.hparams is None:
+            return pending_search
+        return [s.spec for s in self.finals if not s.finished]
+
+    @property
+    def final_records(self) -> list[dict[str, Any]]:
+        """The ok final records of the current plan: exactly what a table counts."""
+        return [s.record for s in self.finals if s.record is not None and s.record["status"] == "ok"]
+
+    @property
+    def failed_records(self) -> list[dict[str, Any]]:
+        return [s.record for s in self.slots if s.record is not None and s.record["status"] == "failed"]
+
+    @property
+    def planned_ids(self) -> set[str]:
+        return {s.spec.id for s in self.slots}
+
+
+def cell_token(suite: Suite, cell: Cell) -> str:
+    """What a cell computes: the ids of its planned trials (final ones without their selected hyperparameters, as
+    those are not known before the search). Two submissions with the same token run the same trials; a smoke run
+    (other overrides) has another token."""
+    hparams = fixed_hparams(suite, cell) if suite.protocol["kind"] == "fixed" else {}
+    ids = [s.id for s in search_specs(suite, cell)] + [s.id for s in final_specs(suite, cell, hparams)]
+    return hashlib.sha256(json.dumps([cell.key, ids]).encode()).hexdigest()[:16]
+
+
+def cell_state(suite: Suite, cell: Cell, store: "Store", stale: bool = True) -> CellState:
+    """The one place that says, for a cell, which search trials exist, which point won and which final trials
+    belong to it. ``harness run``, ``status``, the executors and ``table`` all ask this. With ``stale``, also
+    lists the cell's records that have this suite's settings but are not part of the current plan (old grid
+    points, finals of an earlier winner): they are never counted."""
+    task = TASKS.get(cell.task)
+    search = [Slot(spec, store.read(spec)) for spec in search_specs(suite, cell)]
+    winner, hparams, blocked = None, None, ""
+    if suite.protocol["kind"] == "search-then-final":
+        unfinished = [s for s in search if not s.finished]
+        if unfinished:
+            failed = sum(s.state == "failed" for s in unfinished)
+            blocked = (f"search unfinished: {len(unfinished) - failed} pending, {failed} failed (retried on the next "
+                       "run); finals wait for the whole search")
+        else:
+            winner = select_best([s.record for s in search], task.higher_is_better)
+            if winner is None:
+                blocked = "no search trial finished (all diverged); final trials not run"
+            else:
+                hparams = winner["spec"]["hparams"]
+    else:
+        hparams = fixed_hparams(suite, cell)
+    finals = [Slot(spec, store.read(spec)) for spec in final_specs(suite, cell, hparams)] if hparams is not None else []
+    state = CellState(cell, search, winner, hparams, finals, n_finals=len(suite.seeds), blocked=blocked)
+    if stale:
+        state.stale = store.unplanned(suite, cell, state.planned_ids)
+    return state

@@ -7,17 +7,17 @@ and never counted; the trial runs again and its new record replaces the bad one.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.plan import trial_id
+from harness.files import atomic_write_json, file_lock  # noqa: F401 TEMP until tasks/demo.py uses harness.api
+from harness.plan import Cell, TrialSpec, trial_id
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.sweep import Suite
 
 RECORD_SCHEMA = 1
 STATUSES = ("ok", "diverged", "failed")
@@ -38,36 +38,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "harness"
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``: readers see the old file
-    or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1, sort_keys=True, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path``, so parallel jobs wait for one producer (of a cached artifact, of
-    a submission) instead of all doing the same work."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 @dataclass
 class Problem:
     path: Path
@@ -82,8 +52,11 @@ class Store:
     root: Path
     problems: list[Problem] = field(default_factory=list)
 
-    def path_for(self, spec: dict[str, Any]) -> Path:
-        return self.root / spec["suite"] / spec["method"] / spec["task"] / f"{spec['stage']}-{trial_id(spec)}.json"
+    def path_for(self, spec: TrialSpec) -> Path:
+        return self.cell_dir(spec.suite, spec.cell) / f"{spec.stage}-{spec.id}.json"
+
+    def cell_dir(self, suite: str, cell: Cell) -> Path:
+        return self.root / suite / cell.method / cell.task
 
     def _check(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -110,31 +83,63 @@ class Store:
         if not any(p.path == path for p in self.problems):
             self.problems.append(Problem(path, reason))
 
-    def read(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+    def read(self, spec: TrialSpec) -> dict[str, Any] | None:
         """The valid record for a spec, or None (missing, or reported as a problem)."""
         path = self.path_for(spec)
         return self._check(path) if path.exists() else None
 
-    def finished(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+    def finished(self, spec: TrialSpec) -> dict[str, Any] | None:
         record = self.read(spec)
         return record if record is not None and record["status"] in FINISHED else None
 
     def write(self, record: dict[str, Any]) -> Path:
-        record = dict(record, schema=RECORD_SCHEMA, id=trial_id(record["spec"]))
-        path = self.path_for(record["spec"])
+        spec = record["spec"] if isinstance(record["spec"], TrialSpec) else TrialSpec.from_dict(record["spec"])
+        record = dict(record, schema=RECORD_SCHEMA, id=spec.id, spec=spec.to_dict())
+        path = self.path_for(spec)
         atomic_write_json(path, record)
         return path
 
     def scan(self, suite: str | None = None) -> list[dict[str, Any]]:
         """Every valid record under the results folder (of one suite if given); problems are collected."""
         base = self.root / suite if suite else self.root
+        return [record for _, record in self._records_under(base)]
+
+    def _records_under(self, base: Path) -> list[tuple[Path, dict[str, Any]]]:
         if not base.is_dir():
             return []
-        records = []
+        found = []
         for path in sorted(base.rglob("*.json")):
-            if path.name.startswith("."):
+            if path.name.startswith(".") or "_jobs" in path.relative_to(base).parts:
                 continue
             record = self._check(path)
             if record is not None:
-                records.append(record)
-        return records
+                found.append((path, record))
+        return found
+
+    def unplanned(self, suite: "Suite", cell: Cell, planned_ids: set[str]) -> list[Path]:
+        """Records of a cell made with the suite's current settings that its plan no longer has (an edited grid,
+        an earlier winner's finals): stale, never counted. Records of other settings (a smoke run's overrides, an
+        earlier backbone) are not stale: they belong to another plan."""
+        base = suite.spec_base()
+        return [path for path, record in self._records_under(self.cell_dir(suite.name, cell))
+                if record["id"] not in planned_ids and same_settings(record["spec"], base)]
+
+    def other_settings(self, suite: "Suite") -> list[dict[str, Any]]:
+        """The distinct suite-level settings of this suite's final records that differ from the current ones
+        (e.g. a smoke run's overrides), most records first: each ``{"overrides": ..., "records": n, ...}``."""
+        base = suite.spec_base()
+        groups: dict[str, dict[str, Any]] = {}
+        for record in self.scan(suite.name):
+            spec = record["spec"]
+            if spec.get("stage") != "final" or same_settings(spec, base):
+                continue
+            key = json.dumps({k: spec.get(k) for k in base}, sort_keys=True, default=str)
+            entry = groups.setdefault(key, {"overrides": spec.get("overrides") or {}, "records": 0,
+                                            "differs": sorted(k for k in base if spec.get(k) != base[k])})
+            entry["records"] += 1
+        return sorted(groups.values(), key=lambda e: -e["records"])
+
+
+def same_settings(spec: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether a record's spec has the suite-level settings ``base`` (backbone, budget, protocol, data, overrides)."""
+    return all(spec.get(k) == v for k, v in base.items())

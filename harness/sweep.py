@@ -1,48 +1,30 @@
 """Suites: ``sweeps/<suite>.yaml`` loaded with ``yaml.safe_load``, validated, and overridden from the command line.
 
 A suite file says which tasks and (default) methods it has, the backbone, data settings, the training budget,
-the protocol and per-method search grids. Every error names the file, the key and its line.
+the protocol and per-method search grids. It is validated whole before anything runs, against the schema in
+:mod:`harness.schema` and the method and task registries; every problem is reported at once, each with the file,
+its line and the dotted key (or the flag that set it), with a did-you-mean where a name is close.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from harness.api import METHODS, TASKS, Task
 from harness.errors import HarnessError, did_you_mean
+from harness.schema import DATA_KEYS, NO_DEFAULT, Key, SECTIONS, UNDECLARED_TASK_DATA_KEYS, Problem, check_mapping, key_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.api import Method
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-#: top-level keys and what they must be
-SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "suite": str,
-    "description": str,
-    "tasks": list,
-    "task_lists": dict,
-    "methods": list,
-    "backbone": dict,
-    "data": dict,
-    "train": dict,
-    "protocol": dict,
-    "grids": dict,
-    "settings": dict,
-    "fixed": dict,
-    "executor": dict,
-    "slurm": dict,
-    "pretune": dict,
-}
-REQUIRED = ("suite", "tasks", "methods", "backbone", "train", "protocol")
-TRAIN_KEYS = {
-    "epochs": int, "batch_size": int, "eval_batch_size": int, "lr_scaling": str, "warmup_epochs": int,
-    "num_workers": int, "label_smoothing": (int, float), "amp": bool,
-}
-PROTOCOL_KINDS = ("search-then-final", "fixed")
-LR_SCALINGS = ("none", "batch/256")
 
 
 def sweeps_dirs() -> list[Path]:
@@ -185,14 +167,18 @@ def _outside_trials(dotted: str) -> bool:
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``--set key=value`` pairs; values are parsed as YAML (numbers, lists, booleans)."""
+    """``--set key=value`` pairs; values are parsed as YAML (numbers, lists, booleans). Whether a dotted key exists
+    is checked against the suite's schema when the suite is loaded (:func:`load_suite`'s ``sets``)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise HarnessError(f"--set expects key=value (e.g. train.epochs=3), got '{item}'")
         key, value = item.split("=", 1)
+        key = key.strip()
+        if not key or not all(part.strip() for part in key.split(".")):
+            raise HarnessError(f"--set expects a dotted key such as train.epochs before '=', got '{item}'")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise HarnessError(f"--set {key}: cannot parse value '{value}'") from None
     return out
@@ -209,8 +195,10 @@ def load_suite(
     data_root: str | None = None,
     sets: dict[str, Any] | None = None,
 ) -> Suite:
-    """Load, override and validate a suite. The overrides that change what a trial is are kept in
-    ``suite.overrides`` and go into every trial spec, so smoke runs never mix with full-protocol records."""
+    """Load, validate and override a suite. The file is validated whole first, then again with the overrides, whose
+    problems name the flag (``--set``, ``--epochs``, ...) instead of a line. The overrides that change what a trial
+    is are kept in ``suite.overrides`` and go into every trial spec, so smoke runs never mix with full-protocol
+    records."""
     path = suite_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -224,8 +212,11 @@ def load_suite(
     validate(suite)
 
     overrides: dict[str, Any] = {}
+    #: dotted key -> the flag that set it, so that a problem it causes names the flag
+    sources: dict[str, str] = {}
     if epochs is not None:
         raw["train"]["epochs"] = overrides["epochs"] = int(epochs)
+        sources["train.epochs"] = "--epochs"
     if seeds is not None:
         if seeds < 1:
             raise HarnessError("--seeds must be at least 1")
@@ -238,74 +229,268 @@ def load_suite(
     if backbone is not None:
         raw["backbone"] = {"name": backbone, "weights": weights if weights is not None else "timm"}
         overrides["backbone"] = backbone
+        sources["backbone"] = "--backbone"
     if weights is not None:
         raw["backbone"]["weights"] = weights
         overrides["weights"] = weights
+        sources.setdefault("backbone.weights", "--weights")
     if sets:
         for key, value in sets.items():
             _set_dotted(raw, key, value)
+            sources.setdefault(key, "--set")
         trial_sets = {k: v for k, v in sets.items() if not _outside_trials(k)}
         if trial_sets:
             overrides["set"] = dict(sorted(trial_sets.items()))
     if data_root is not None:  # not an override of the trial: only where the data lives
-        raw.setdefault("data", {})["root"] = data_root
+        if not isinstance(raw.get("data"), dict):
+            raw["data"] = {}
+        raw["data"]["root"] = data_root
+        sources.setdefault("data.root", "--data-root")
     suite.overrides = overrides
-    validate(suite)
+    if sources:
+        validate(suite, sources)
     return suite
 
 
-def validate(suite: Suite) -> None:
-    raw, path = suite.raw, suite.path
+# -- validation ------------------------------------------------------------------------------------------------------
+def validate(suite: Suite, sources: dict[str, str] | None = None) -> None:
+    """Check the whole suite against the schema (:mod:`harness.schema`) and the method and task registries; raise
+    one HarnessError listing every problem, one per line, as ``file:line: dotted.key: message``. A problem under a
+    key that a flag set (``sources``: dotted key -> flag) names the flag instead of a line."""
+    problems = suite_problems(suite.raw)
+    if not problems:
+        return
+    located = []
+    for keys, message in problems:
+        flag, line = _source_of(keys, sources or {}), None
+        if flag is None:
+            line = _key_line(suite.path, keys)
+        where = flag or (f"{suite.path}:{line}" if line else str(suite.path))
+        located.append((line or 0, f"{where}: {'.'.join(keys)}: {message}"))
+    located.sort(key=lambda item: item[0])
+    raise HarnessError("\n".join(text for _, text in located))
 
-    def fail(keys: tuple[str, ...], message: str) -> None:
-        line = _key_line(path, keys)
-        where = f"{path}:{line}" if line else str(path)
-        raise HarnessError(f"{where}: {'.'.join(keys)}: {message}")
 
-    for key in raw:
-        if key not in SCHEMA:
-            fail((key,), f"unknown key{did_you_mean(key, SCHEMA)} (known: {', '.join(SCHEMA)})")
-    for key in REQUIRED:
-        if key not in raw:
-            raise HarnessError(f"{path}: missing required key '{key}'")
-    for key, kind in SCHEMA.items():
-        if key in raw and raw[key] is not None and not isinstance(raw[key], kind):
-            fail((key,), f"expected {getattr(kind, '__name__', kind)}, got {type(raw[key]).__name__}")
-    if not raw["tasks"]:
-        fail(("tasks",), "expected at least one task")
-    if not all(isinstance(t, str) for t in raw["tasks"]):
-        fail(("tasks",), "expected a list of task names")
-    if "name" not in raw["backbone"]:
-        fail(("backbone",), "expected a 'name' (a timm model name)")
-    for key, value in raw["train"].items():
-        if key not in TRAIN_KEYS:
-            fail(("train", key), f"unknown key{did_you_mean(key, TRAIN_KEYS)}")
-        if not isinstance(value, TRAIN_KEYS[key]) or isinstance(value, bool) and TRAIN_KEYS[key] is int:
-            fail(("train", key), f"expected {TRAIN_KEYS[key]}, got {value!r}")
-    for key in ("epochs", "batch_size"):
-        if key not in raw["train"]:
-            fail(("train",), f"missing '{key}'")
-        if raw["train"][key] < 1:
-            fail(("train", key), f"expected a positive integer, got {raw['train'][key]}")
-    if raw["train"].get("lr_scaling", "none") not in LR_SCALINGS:
-        fail(("train", "lr_scaling"), f"expected one of {', '.join(LR_SCALINGS)}")
-    proto = raw["protocol"]
-    kind = proto.get("kind")
-    if kind not in PROTOCOL_KINDS:
-        fail(("protocol", "kind"), f"expected one of {', '.join(PROTOCOL_KINDS)}, got {kind!r}")
-    seeds = proto.get("seeds")
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        fail(("protocol", "seeds"), "expected a non-empty list of integer seeds")
-    stages = ("search", "final") if kind == "search-then-final" else ("final",)
-    for stage in stages:
-        section = proto.get(stage)
-        if not isinstance(section, dict) or not {"train", "eval"} <= set(section):
-            fail(("protocol", stage), "expected a mapping with 'train' and 'eval' split names")
-    for method, grid in (raw.get("grids") or {}).items():
-        if not isinstance(grid, dict):
-            fail(("grids", method), "expected a mapping of hyperparameter -> list of values")
-        for axis, values in grid.items():
-            if not isinstance(values, list) or not values:
-                fail(("grids", method, axis), f"expected a non-empty list of values, got {values!r}")
-    if kind == "fixed" and not raw.get("fixed"):
-        fail(("fixed",), "protocol 'fixed' needs a 'fixed' section: method -> task -> hyperparameters")
+def _source_of(keys: tuple[str, ...], sources: dict[str, str]) -> str | None:
+    """The flag that set ``keys``, one of its parents (``--backbone``) or one of its children (``--set
+    grids.linaer.lr=...`` makes the problem ``grids.linaer``)."""
+    for dotted, flag in sources.items():
+        parts = tuple(dotted.split("."))
+        n = min(len(parts), len(keys))
+        if parts[:n] == keys[:n]:
+            return flag
+    return None
+
+
+def suite_problems(raw: dict[str, Any]) -> list[Problem]:
+    """Every problem of a suite's content (all of them, not the first). Method modules are imported only for the
+    methods named under grids, settings and fixed (and, for a section such as ``pretune``, the suite's methods);
+    task modules only for the tasks whose data keys are needed."""
+    problems: list[Problem] = []
+    for name in raw:
+        if name not in SECTIONS:
+            problems.append(((str(name),), f"unknown key{did_you_mean(str(name), SECTIONS)} "
+                                           f"(known: {', '.join(SECTIONS)})"))
+    ok: dict[str, Any] = {}  # the sections present, of the right type
+    for name, section in SECTIONS.items():
+        if name not in raw:
+            if section.required:
+                problems.append(((name,), f"missing required section ({section.meaning})"))
+            continue
+        if raw[name] is None and not section.required:
+            continue
+        message = section.check(raw[name])
+        if message:
+            problems.append(((name,), message))
+        else:
+            ok[name] = raw[name]
+
+    for name in ("backbone", "train", "protocol", "executor", "slurm"):
+        if name in ok:
+            problems += check_mapping(SECTIONS[name].keys or {}, ok[name], (name,))
+    if "protocol" in ok:
+        problems += _protocol_problems(ok["protocol"])
+
+    problems += _names_problems(ok.get("tasks", []), TASKS.names(), "task", ("tasks",))
+    for list_name, members in (ok.get("task_lists") or {}).items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            problems.append((("task_lists", str(list_name)), f"expected a list of task names, got {members!r}"))
+        else:
+            problems += _names_problems(members, TASKS.names(), "task", ("task_lists", str(list_name)))
+    problems += _names_problems(ok.get("methods", []), METHODS.names(), "method", ("methods",))
+    if "data" in ok:
+        problems += _data_problems(ok["data"], _selected_tasks(ok))
+
+    named: list[str] = []  # the known methods named under grids, settings and fixed
+    for name, check in (("grids", _grid_problems), ("settings", _settings_problems), ("fixed", _fixed_problems)):
+        for method, entry in (ok.get(name) or {}).items():
+            where = (name, str(method))
+            if method not in METHODS:
+                problems.append((where, f"unknown method{did_you_mean(str(method), METHODS.names())}"))
+                continue
+            if entry is None:
+                continue
+            if not isinstance(entry, dict):
+                problems.append((where, f"expected a mapping, got {entry!r}"))
+                continue
+            if method not in named:
+                named.append(method)
+            problems += check(METHODS.get(method), entry, where)
+    if ok.get("protocol", {}).get("kind") == "fixed" and not ok.get("fixed"):
+        problems.append((("fixed",), "protocol 'fixed' needs a 'fixed' section: method -> task -> hyperparameters"))
+
+    patterns = [p for p in ok.get("methods", []) if isinstance(p, str)]
+    candidates = named + [m for m in METHODS.names() if m not in named and any(fnmatch.fnmatchcase(m, p)
+                                                                             for p in patterns)]
+    for name, section in SECTIONS.items():
+        if section.from_methods and isinstance(ok.get(name), dict):
+            problems += _method_section_problems(name, ok[name], candidates)
+    return problems
+
+
+def _protocol_problems(protocol: dict[str, Any]) -> list[Problem]:
+    problems: list[Problem] = []
+    if protocol.get("kind") == "search-then-final" and "search" not in protocol:
+        problems.append((("protocol",), "missing required key 'search' (the search stage of search-then-final)"))
+    seeds = protocol.get("seeds")
+    if isinstance(seeds, list):
+        repeated = sorted({s for s in seeds if isinstance(s, int) and seeds.count(s) > 1})
+        if repeated:
+            problems.append((("protocol", "seeds"), f"seed(s) listed twice: {', '.join(map(str, repeated))}"))
+    return problems
+
+
+def _names_problems(items: list[Any], names: list[str], kind: str, where: tuple[str, ...]) -> list[Problem]:
+    """Names, or fnmatch patterns, that name nothing registered (``TASKS.match`` and ``METHODS.match`` would refuse
+    them later, after the suite was accepted)."""
+    problems: list[Problem] = []
+    for item in items:
+        if not isinstance(item, str):
+            continue  # the list's type check reports it
+        if any(ch in item for ch in "*?["):
+            if not fnmatch.filter(names, item):
+                problems.append((where, f"no {kind} matches '{item}'{did_you_mean(item, names)}"))
+        elif item not in names:
+            problems.append((where, f"unknown {kind} '{item}'{did_you_mean(item, names)}"))
+    return problems
+
+
+def _selected_tasks(ok: dict[str, Any]) -> list[str]:
+    """The known tasks a run of this suite can select: its tasks and the members of its task lists."""
+    patterns = [p for p in ok.get("tasks", []) if isinstance(p, str)]
+    for members in (ok.get("task_lists") or {}).values():
+        patterns += [p for p in members if isinstance(p, str)] if isinstance(members, list) else []
+    return [n for n in TASKS.names() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def task_data_keys(task: Task) -> tuple[str, ...]:
+    """The ``data:`` keys a task reads besides the engine's: its ``data_keys``, or, while its class does not
+    declare them, the keys the list-file task families read (UNDECLARED_TASK_DATA_KEYS)."""
+    declared = any("data_keys" in vars(cls) for cls in type(task).__mro__ if cls is not Task and cls is not object)
+    return tuple(task.data_keys) if declared else UNDECLARED_TASK_DATA_KEYS
+
+
+def _data_problems(data: dict[str, Any], tasks: list[str]) -> list[Problem]:
+    extra: set[str] = set()
+    if any(key not in DATA_KEYS for key in data):  # import task modules only when a key needs them
+        for name in tasks:
+            extra.update(task_data_keys(TASKS.get(name)))
+    note = f"; the suite's tasks read: {', '.join(sorted(extra))}" if extra else "; the suite's tasks read no others"
+    problems = check_mapping(DATA_KEYS, data, ("data",), extra=sorted(extra), extra_note=note)
+    if isinstance(data.get("roots"), dict):
+        problems += _task_key_problems(data["roots"], ("data", "roots"))
+    return problems
+
+
+def _task_key_problems(mapping: dict[str, Any], where: tuple[str, ...], star: bool = False) -> list[Problem]:
+    """Keys of ``mapping`` that are not task names (``'*'`` allowed when ``star``)."""
+    names = TASKS.names()
+    return [((*where, str(task)), f"unknown task{did_you_mean(str(task), names)}")
+            for task in mapping if not (star and task == "*") and task not in names]
+
+
+def _hparam_problems(method: Method, values: dict[str, Any], where: tuple[str, ...],
+                     lists: bool = False) -> list[Problem]:
+    """Unknown hyperparameters of ``method`` (with a did-you-mean) and values of the wrong type or range. With
+    ``lists``, every value is a non-empty list of values (a grid)."""
+    accepted = sorted(method.accepted_hparams())
+    problems: list[Problem] = []
+    for key, value in values.items():
+        at = (*where, str(key))
+        if key not in accepted:
+            problems.append((at, f"unknown hyperparameter of {method.name}{did_you_mean(str(key), accepted)} "
+                                 f"(accepted: {', '.join(accepted)})"))
+            continue
+        if lists and (not isinstance(value, list) or not value):
+            problems.append((at, f"expected a non-empty list of values, got {value!r}"))
+            continue
+        example = method.defaults[key] if key in method.defaults else (method.grid.get(key) or [NO_DEFAULT])[0]
+        rule = key_for(str(key), example)
+        if key in method.hparam_choices:
+            choices = method.hparam_choices[key]
+            rule = Key(type(choices[0]), "", choices=tuple(choices))
+        for item in value if lists else [value]:
+            message = rule.check(item) if rule else None
+            if message:
+                problems.append((at, message))
+                break
+    return problems
+
+
+def _grid_problems(method: Method, grid: dict[str, Any], where: tuple[str, ...]) -> list[Problem]:
+    return _hparam_problems(method, grid, where, lists=True)
+
+
+def _settings_problems(method: Method, entry: dict[str, Any], where: tuple[str, ...]) -> list[Problem]:
+    problems = _hparam_problems(method, {k: v for k, v in entry.items() if k != "per_task"}, where)
+    per_task = entry.get("per_task")
+    if per_task is None:
+        return problems
+    if not isinstance(per_task, dict):
+        return problems + [((*where, "per_task"), f"expected a mapping of task -> hyperparameters, got {per_task!r}")]
+    problems += _task_key_problems(per_task, (*where, "per_task"))
+    for task, values in per_task.items():
+        problems += _values_problems(method, values, (*where, "per_task", str(task)))
+    return problems
+
+
+def _fixed_problems(method: Method, entry: dict[str, Any], where: tuple[str, ...]) -> list[Problem]:
+    problems = _task_key_problems(entry, where, star=True)
+    for task, values in entry.items():
+        problems += _values_problems(method, values, (*where, str(task)))
+    return problems
+
+
+def _values_problems(method: Method, values: Any, where: tuple[str, ...]) -> list[Problem]:
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        return [(where, f"expected a mapping of hyperparameter -> value, got {values!r}")]
+    return _hparam_problems(method, values, where)
+
+
+def _method_section_problems(name: str, section: dict[str, Any], candidates: list[str]) -> list[Problem]:
+    """A section whose keys the methods that read it declare (``Method.suite_sections``/``section_keys``): the
+    readers among the suite's methods, or, when the suite names none, every registered reader."""
+    readers = [m for m in candidates if name in METHODS.get(m).suite_sections]
+    if not readers:
+        readers = [m for m in METHODS.names() if name in METHODS.get(m).suite_sections]
+    if not readers:
+        return [((name,), "no registered method reads this section")]
+    keys: dict[str, Any] = {}
+    for method in readers:
+        keys.update(METHODS.get(method).section_keys(name))
+    if not keys:
+        return []  # its readers do not say which keys they take
+    problems: list[Problem] = []
+    for key, value in section.items():
+        at = (name, str(key))
+        if key not in keys:
+            problems.append((at, f"unknown key{did_you_mean(str(key), keys)} (known: {', '.join(keys)}; "
+                                 f"read by {', '.join(readers)})"))
+            continue
+        rule = key_for(str(key), keys[key])
+        message = rule.check(value) if rule else None
+        if message:
+            problems.append((at, message))
+    return problems

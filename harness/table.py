@@ -1,63 +1,89 @@
 """Paper-style tables computed from records: rows are methods, columns tasks (grouped), group means, the overall
 mean and cost columns. Each cell is the mean ± std of the final trials' last-epoch metric over seeds.
 
-Only records whose suite-level spec (backbone, training budget, protocol, data settings, overrides) equals the
-current suite's count, so a smoke run with ``--epochs 1`` never mixes with full-protocol numbers.
+A cell counts exactly the final trials the protocol state (:func:`harness.plan.cell_state`) assigns to it: the
+current search winner's (or the suite's fixed hyperparameters'), with the current settings. Finals of an earlier
+winner, of an edited grid, or of a smoke run with other overrides are never counted.
+
+A cell whose seeds disagree far beyond the usual spread (one seed near chance while another learned) is marked †
+with a footnote, in every format: a mean over such seeds describes neither.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
-
-import pandas as pd
-from tabulate import tabulate
+from typing import TYPE_CHECKING, Any
 
 from harness.api import TASKS
+from harness.plan import Cell, cell_state
 from harness.store import Store
 from harness.sweep import Suite
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 FORMATS = ("markdown", "github", "latex", "csv")
 EXTRA_COLUMNS = ("params", "flops", "throughput", "memory")
 MISSING = "–"
 
 
-def final_frame(suite: Suite, store: Store) -> pd.DataFrame:
-    """One row per valid, ok final record of the suite that matches its current settings."""
-    base = suite.spec_base()
+FRAME_COLUMNS = ["method", "task", "seed", "value", "trainable", "head", "total", "flops", "throughput", "memory"]
+
+
+def final_frame(suite: Suite, store: Store, methods: list[str], tasks: list[str]) -> pd.DataFrame:
+    """One row per ok final record that the protocol state counts for the given cells."""
+    import pandas as pd  # lazy: pandas costs ~0.4 s, and `harness --help` must not pay it
     rows = []
-    for record in store.scan(suite.name):
-        spec = record["spec"]
-        if spec.get("stage") != "final" or record["status"] != "ok":
-            continue
-        if any(spec.get(k) != v for k, v in base.items()):
-            continue
-        cost = record.get("cost") or {}
-        rows.append({
-            "method": spec["method"], "task": spec["task"], "seed": spec["seed"],
-            "value": float(record["metrics"]["eval"]),
-            "trainable": record["params"].get("trainable"), "head": record["params"].get("head"),
-            "total": record["params"].get("total"), "flops": cost.get("forward_flops"),
-            "throughput": cost.get("train_images_per_s"), "memory": cost.get("peak_memory_bytes"),
-        })
-    return pd.DataFrame(rows, columns=["method", "task", "seed", "value", "trainable", "head", "total", "flops",
-                                       "throughput", "memory"])
+    for method in methods:
+        for task in tasks:
+            for record in cell_state(suite, Cell(method, task), store, stale=False).final_records:
+                spec, cost = record["spec"], record.get("cost") or {}
+                rows.append({
+                    "method": method, "task": task, "seed": spec["seed"],
+                    "value": float(record["metrics"]["eval"]),
+                    "trainable": record["params"].get("trainable"), "head": record["params"].get("head"),
+                    "total": record["params"].get("total"), "flops": cost.get("forward_flops"),
+                    "throughput": cost.get("train_images_per_s"), "memory": cost.get("peak_memory_bytes"),
+                })
+    return pd.DataFrame(rows, columns=FRAME_COLUMNS)
 
 
 def _task_group(task: str) -> str:
-    try:
-        return TASKS.get(task).group or ""
-    except Exception:  # a record of a task no longer registered still tables, ungrouped
+    return TASKS.get(task).group or "" if task in TASKS else ""
+
+
+def chance_level(task: str) -> float | None:
+    """The metric a random guess gets (top-1 over C classes: 100/C); None when not known."""
+    if task not in TASKS:
+        return None
+    info = TASKS.get(task)
+    return 100.0 / info.num_classes if info.metric == "top1" and info.num_classes else None
+
+
+#: a seed counts as "at chance" within this many points of it, and "learned" this far above it
+NEAR_CHANCE, LEARNED = 5.0, 20.0
+
+
+def seeds_disagree(values: list[float], chance: float | None) -> str:
+    """Why a cell's seeds disagree far beyond their usual spread, or '' when they do not: one seed within
+    NEAR_CHANCE points of chance while another is LEARNED points above it."""
+    if len(values) < 2 or chance is None:
         return ""
+    low, high = min(values), max(values)
+    if low <= chance + NEAR_CHANCE and high >= chance + LEARNED:
+        return f"a seed at {low:.1f} (chance {chance:.1f}) while another reached {high:.1f}"
+    return ""
 
 
 def summarize(frame: pd.DataFrame, methods: list[str], tasks: list[str], n_seeds: int) -> dict[str, Any]:
     """Per (method, task): mean, std, n; group and overall means per method; cost per method."""
     cells: dict[tuple[str, str], dict[str, float]] = {}
     for (method, task), rows in frame.groupby(["method", "task"]):
-        values = rows.drop_duplicates("seed")["value"]
+        values = rows["value"]
         cells[(method, task)] = {"mean": float(values.mean()), "std": float(values.std(ddof=0)),
-                                 "n": int(values.size)}
+                                 "n": int(values.size),
+                                 "disagree": seeds_disagree([float(v) for v in values], chance_level(task))}
     groups: dict[str, list[str]] = {}
     for task in tasks:
         groups.setdefault(_task_group(task), []).append(task)
@@ -78,14 +104,18 @@ def summarize(frame: pd.DataFrame, methods: list[str], tasks: list[str], n_seeds
 
 
 def build_table(suite: Suite, store: Store, methods: list[str] | None = None, tasks: list[str] | None = None,
-                fmt: str = "markdown", extra: tuple[str, ...] = ("params",)) -> str:
-    frame = final_frame(suite, store)
+                fmt: str = "markdown", extra: tuple[str, ...] = ("params",), missing: list[str] | None = None) -> str:
+    """The table as text. ``missing``, when given, receives the keys of the cells that have no value."""
+    import pandas as pd
+    from tabulate import tabulate
+
     tasks = tasks or suite.tasks
-    if methods is None:
-        seen = list(dict.fromkeys(frame["method"]))
-        methods = [m for m in suite.methods if m in seen] + [m for m in seen if m not in suite.methods]
-        methods = methods or suite.methods
-    s = summarize(frame[frame["task"].isin(tasks)], methods, tasks, len(suite.seeds))
+    methods = methods or suite.methods
+    frame = final_frame(suite, store, methods, tasks)
+    s = summarize(frame, methods, tasks, len(suite.seeds))
+    footnotes = [f"† {m}/{t}: seeds disagree: {c['disagree']}" for (m, t), c in s["cells"].items() if c["disagree"]]
+    if missing is not None:
+        missing += [f"{m}/{t}" for m in methods for t in tasks if (m, t) not in s["cells"]]
     ordered_tasks = [t for members in s["groups"].values() for t in members]
     group_cols = [g for g in s["groups"] if g and len(s["groups"]) > 1]
 
@@ -98,6 +128,7 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
                 row[task] = cell["mean"] if cell else None
                 row[f"{task}_std"] = cell["std"] if cell else None
                 row[f"{task}_n"] = cell["n"] if cell else 0
+                row[f"{task}_disagree"] = bool(cell and cell["disagree"])
             for group in group_cols + ["mean"]:
                 row[group] = s["means"].get((method, group))
             row.update(_cost_columns(s["cost"].get(method), extra, numeric=True))
@@ -134,6 +165,8 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
                 text += f" ± {cell['std']:.1f}"
             if cell is not None and cell["n"] < s["n_seeds"]:
                 text += f" ({cell['n']}/{s['n_seeds']})"
+            if cell is not None and cell["disagree"]:
+                text += "†"
             if col in best and math.isclose(value, best[col], abs_tol=1e-9):
                 text = mark(text)
             row[col] = text
@@ -141,7 +174,40 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
         rows.append(row)
     table = pd.DataFrame(rows)
     tablefmt = {"markdown": "pipe", "github": "github", "latex": "latex_raw"}[fmt]
-    return tabulate(table, headers="keys", tablefmt=tablefmt, showindex=False, disable_numparse=True)
+    text = tabulate(table, headers="keys", tablefmt=tablefmt, showindex=False, disable_numparse=True)
+    if footnotes:
+        lines = [f"% {line}" if fmt == "latex" else line for line in footnotes]
+        text += "\n\n" + "\n".join(lines)
+    return text
+
+
+def other_settings_hint(suite: Suite, store: Store, flags: str) -> str:
+    """When this suite has final records under other settings (a smoke run's overrides), say so and how to see
+    them: a table that is empty for the current settings should not look like nothing ever ran."""
+    groups = store.other_settings(suite)
+    if not groups:
+        return ""
+    lines = [f"note: {sum(g['records'] for g in groups)} final record(s) of suite {suite.name} were made with other "
+             f"settings than {flags or 'the suite file'}; to show them:"]
+    for group in groups[:5]:
+        command = override_flags(group["overrides"])
+        differs = ", ".join(group["differs"])
+        lines.append(f"  harness table --suite {suite.name} {command}".rstrip()
+                     + f"    # {group['records']} record(s); differ in: {differs}")
+    return "\n".join(lines)
+
+
+def override_flags(overrides: dict[str, Any]) -> str:
+    """Command-line flags that recreate recorded overrides (the inverse of ``load_suite``'s)."""
+    parts = []
+    for key, flag in (("epochs", "--epochs"), ("seeds", "--seeds"), ("grid_points", "--grid-points"),
+                      ("backbone", "--backbone"), ("weights", "--weights")):
+        if overrides.get(key) is not None:
+            parts.append(f"{flag} {overrides[key]}")
+    for key, value in (overrides.get("set") or {}).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        parts.append(f"--set '{key}={text}'")
+    return " ".join(parts)
 
 
 def _cost_columns(cost: dict[str, Any] | None, extra: tuple[str, ...], numeric: bool) -> dict[str, Any]:

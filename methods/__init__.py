@@ -1,23 +1,25 @@
-"""Transfer-learning methods, one file per family. Each file registers its methods into ``harness.api.METHODS``.
+"""Transfer-learning methods, one file per family.
 
-``INDEX`` maps every method name to the module that registers it, so names can be listed and checked without
-importing torch-heavy code. Adding a method: write its file, add its names here.
+``INDEX`` is the one place a method's name is written: name -> ``"module:Class"``. The registry
+(:mod:`harness.registry`) imports the module only when the method is used, instantiates the class and gives it the
+name, so names can be listed and checked without importing torch-heavy code. Adding a method: write its class in
+its family's file, add one line here.
 """
 
 INDEX: dict[str, str] = {
-    "linear": "methods.linear",
-    "finetune": "methods.finetune",
-    "vpt-deep": "methods.vpt",
-    "vpt-shallow": "methods.vpt",
-    "lora": "methods.lora",
-    "toast": "methods.toast",
-    "toast-lite": "methods.toast",
-    "toast-early": "methods.toast",
-    "toast-late": "methods.toast",
-    "toast-nopretune": "methods.toast",
-    "toast-notoken": "methods.toast",
-    "toast-nochannel": "methods.toast",
+    "linear": "methods.linear:LinearProbe",
+    "finetune": "methods.finetune:FullFinetune",
+    "vpt-deep": "methods.vpt:VPTDeep",
+    "vpt-shallow": "methods.vpt:VPTShallow",
+    "lora": "methods.lora:LoRA",
+    "toast": "methods.toast:ToastMethod",
+    "toast-lite": "methods.toast:ToastLite",
+    "toast-early": "methods.toast:ToastEarly",
+    "toast-late": "methods.toast:ToastLate",
+    "toast-nopretune": "methods.toast:ToastNoPretune",
+    "toast-notoken": "methods.toast:ToastNoToken",
+    "toast-nochannel": "methods.toast:ToastNoChannel",
 }
 
-#: artifacts (weights, checkpoints) that methods know how to make: name -> registering module
-ARTIFACTS: dict[str, str] = {"toast-pretuned": "methods.toast_pretune"}
+#: artifacts (weights, checkpoints) that methods know how to make: name -> "module:function"
+ARTIFACTS: dict[str, str] = {"toast-pretuned": "methods.toast_pretune:toast_pretuned"}

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from harness.api import METHODS, BuildContext, Method
+from harness.api import BuildContext, Method
 from methods.common import BackboneClassifier, freeze
 
 
-@METHODS.register("linear")
 class LinearProbe(Method):
-    name = "linear"
     family = "head-only"
     description = "frozen backbone, trainable linear head on the CLS token"
     optimizer = "sgd"
@@ -16,6 +14,7 @@ class LinearProbe(Method):
     # PROTOCOL.md §3.2 (VPT tune_vtab.py / tune_fgvc.py)
     grid = {"lr": [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
     defaults = {"frozen_eval": True}
+    hparam_keys = ("drop_path",)
 
     def build(self, backbone, num_classes: int, ctx: BuildContext):
         freeze(backbone)

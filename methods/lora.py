@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from harness.api import METHODS, BuildContext, Method
+from harness.api import BuildContext, Method
 from harness.errors import HarnessError
 from methods.common import feature_dim, freeze, make_head
 
@@ -55,9 +55,7 @@ def _target_modules(value: Any) -> list[str]:
     return names
 
 
-@METHODS.register("lora")
 class LoRA(Method):
-    name = "lora"
     family = "lora"
     description = "frozen backbone; peft LoRA (rank 4, scaling 0.25) on every block's fused qkv + linear head"
     optimizer = "sgd"
@@ -65,6 +63,7 @@ class LoRA(Method):
     # PROTOCOL.md §3.2 (TOAST tune_vtab.py --grid-search-type lora)
     grid = {"lr": [1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
     defaults = {"rank": 4, "alpha": 1.0, "target_modules": ["qkv"], "dropout": 0.0, "frozen_eval": True}
+    hparam_keys = ("drop_path",)
 
     def build(self, backbone: nn.Module, num_classes: int, ctx: BuildContext) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model  # lazy: peft pulls in transformers (seconds)

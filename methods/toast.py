@@ -27,19 +27,33 @@ Settings (hyperparameters with defaults; a sweep may override them):
 
 * ``train_P`` (default True, the paper: "P ... task-specific parameters"; the official ``toast`` mode leaves P frozen
   because its name matches none of ``decoders``/``prompt``/``head``);
-* ``v_bias_twice`` (default False, the paper's ``W_V (X + X_td)``; the official code computes ``qkv(td)`` with its
-  bias, so b_v is added twice: set True to match it, e.g. with the official pre-tuned checkpoints);
+* ``v_bias_twice`` (the paper's ``W_V (X + X_td)`` is False; the official code computes ``qkv(td)`` with its bias, so
+  b_v is added twice: True matches it). Default: what the loaded checkpoint was made with — True for an official TOAST
+  file (its module was trained with the doubled bias; the two forwards differ by ~30% in logits), the recorded
+  setting for the harness's own pre-tuned files, False without a checkpoint. An explicit value that contradicts the
+  checkpoint is refused. The value applied is on the model as ``checkpoint_settings`` (recorded with the trial);
 * ``frozen_eval`` (default True: the frozen backbone runs in eval mode, no drop-path; the official code leaves
   drop-path 0.1 on: set False);
 * ``pretuned_backbone`` (optional, default ``check``): what to do with backbone keys inside a pre-tuned checkpoint
   (official ones carry their backbone): ``check`` refuses a file pre-tuned on other backbone weights, ``load`` uses
   the checkpoint's backbone weights, ``ignore`` skips them.
 
+Checkpoints (:func:`read_checkpoint`): the harness's own pre-tuned files (``{"model": ..., "harness": metadata}``),
+the official pre-tuned ones (DeiT/AbSViT style ``{"model": ..., "args": argparse.Namespace, ...}`` or a plain state
+dict) and the official trainer's per-task files (``{"model_state_dict": ...}`` with ``enc.`` and ``head.last_layer.``
+prefixes; tuned on one downstream task and, in TOAST's final runs, saved at the best *test* epoch: PROTOCOL.md §3.3).
+They are read with ``torch.load(weights_only=True)``; the only class allowed besides tensors and plain containers is
+``argparse.Namespace`` (what the official files pickle). Anything else is refused with the type's name, never loaded
+with ``weights_only=False``: a pickle from anywhere can run code.
+
 Pre-tuning (:mod:`methods.toast_pretune`) produces the ``toast-pretuned`` artifact these methods need.
 """
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import METHODS, BuildContext, Method
+from harness.api import BuildContext, Method
 from harness.errors import HarnessError
 from methods.common import freeze, make_head
 
@@ -162,6 +176,8 @@ class TopDownViT(nn.Module):
         self.token_selection = token_selection
         self.v_bias_twice = v_bias_twice
         self.frozen_eval = frozen_eval
+        #: the settings a loaded checkpoint brought (see :func:`load_top_down`); empty when none was loaded
+        self.checkpoint_settings: dict[str, Any] = {}
         dim = backbone.embed_dim
         self.prompt = nn.Parameter(torch.randn(dim))
         self.top_down_transform = nn.Parameter(torch.eye(dim))
@@ -245,7 +261,7 @@ class TopDownViT(nn.Module):
     def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Paper Fig. 4 panels, each B x grid_h x grid_w: the first pass's last-layer CLS attention (head average),
         the token-similarity map (cosine with xi, clamped), the second pass's last-layer CLS attention."""
-        from harness.commands.attention import cls_attention
+        from harness.api import cls_attention
 
         bb = self.backbone
         grid = tuple(bb.patch_embed.grid_size)
@@ -270,9 +286,13 @@ class LoadReport:
     unexpected: list[str]
     ignored: list[str]
     backbone: str  # what happened to backbone keys in the file
+    origin: str = "harness"  # a key of ORIGINS
+    settings: dict[str, Any] = field(default_factory=dict)  # what the model now uses (v_bias_twice)
 
     def summary(self) -> str:
-        parts = [f"{len(self.loaded)} top-down tensors loaded"]
+        applied = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        parts = [f"{len(self.loaded)} top-down tensors loaded from {ORIGINS.get(self.origin, self.origin)}"
+                 + (f" ({applied})" if applied else "")]
         if self.unexpected:
             parts.append(f"unexpected (not used): {_short(self.unexpected)}")
         if self.ignored:
@@ -286,45 +306,152 @@ def _short(names: Iterable[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, metadata) from our own pre-tuned checkpoint or an official TOAST one: ``state_dict['model']``
-    (DeiT/AbSViT style), ``state_dict['state_dict']`` or a plain state dict; a ``module.`` prefix is dropped."""
+#: classes official checkpoints pickle besides tensors and plain containers (DeiT/AbSViT save their ``args``)
+SAFE_CHECKPOINT_TYPES: tuple[type, ...] = (argparse.Namespace,)
+#: where a checkpoint comes from (``Checkpoint.origin``)
+ORIGINS = {
+    "harness": "a pre-tuned file written by `harness pretune`",
+    "official": "an official TOAST checkpoint (no harness metadata)",
+    "official-task": "an official TOAST per-task checkpoint (model_state_dict: tuned on a downstream task)",
+}
+#: settings a checkpoint's weights only make sense with, and their value in official files: the official code adds
+#: the V bias twice (``qkv(td)`` with its bias; PROTOCOL.md §1.1 step 4)
+OFFICIAL_SETTINGS: dict[str, Any] = {"v_bias_twice": True}
+
+
+@dataclass
+class Checkpoint:
+    """A top-down checkpoint as read from disk: tensors under our key names, and what the file says about itself."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    origin: str  # a key of ORIGINS
+    #: the harness's metadata (``{}`` for official files)
+    meta: dict[str, Any] = field(default_factory=dict)
+    #: the settings the weights were made with (v_bias_twice), which a model loading them must use
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: for official per-task files: the epoch they were saved at (TOAST's final runs: the best *test* epoch)
+    epoch: int | None = None
+
+    @property
+    def described(self) -> str:
+        return ORIGINS[self.origin]
+
+
+def _load_file(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, allowing exactly :data:`SAFE_CHECKPOINT_TYPES` besides tensors and
+    plain containers. A file that pickles anything else is refused with the type's name (torch's unpickler names the
+    global it stopped at); there is no fallback to ``weights_only=False``."""
+    try:
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_TYPES)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        allowed = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in SAFE_CHECKPOINT_TYPES)
+        if found:
+            raise HarnessError(
+                f"refusing to load TOAST checkpoint {path}: it pickles {found.group(1)}, which is not a tensor, a "
+                f"plain container or {allowed} (the only class official checkpoints carry); unpickling it could run "
+                "code. If you trust the file, re-save just its state dict (torch.save(state_dict, new_path)) and "
+                "point the suite at that") from None
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        raise HarnessError(f"cannot read TOAST checkpoint {path}: "
+                           f"{detail.group(1) if detail else text.splitlines()[0] if text else type(err).__name__} "
+                           "(expected a torch file with a state dict)") from None
+    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds for a file that is not a checkpoint
+        raise HarnessError(f"cannot read TOAST checkpoint {path}: {type(err).__name__}: {err} "
+                           "(expected a torch file with a state dict)") from None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a top-down checkpoint: ours (``{"model", "harness"}``), an official pre-tuned one (``model`` or
+    ``state_dict`` nesting, or a plain state dict) or an official per-task file (``model_state_dict`` with the
+    encoder under ``enc.`` and the task head under ``head.last_layer.``). ``module.`` and ``enc.`` prefixes are
+    dropped, so keys read as our model's (``prompt``, ``top_down_transform``, ``decoders.<l>...``, backbone keys,
+    ``head.*``). A file with no top-down keys is an error listing the keys it has."""
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"TOAST checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - official checkpoints pickle their argparse Namespace next to the weights
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            raise HarnessError(f"cannot read TOAST checkpoint {path}: {type(err).__name__}: {err}") from None
+    raw = _load_file(path)
     if not isinstance(raw, dict):
-        raise HarnessError(f"TOAST checkpoint {path}: expected a dict, got {type(raw).__name__}")
+        raise HarnessError(f"TOAST checkpoint {path}: expected a dict (a state dict or one holding 'model', "
+                           f"'state_dict' or 'model_state_dict'), got {type(raw).__name__}")
+    top_level = list(raw)
     meta = raw.get("harness") if isinstance(raw.get("harness"), dict) else {}
-    for key in ("model", "state_dict"):
+    origin, epoch = ("harness" if meta else "official"), None
+    nested = raw
+    for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(raw.get(key), dict):
-            raw = raw[key]
+            nested = raw[key]
+            if key == "model_state_dict" and not meta:
+                origin = "official-task"
+                epoch = int(raw["epoch"]) if isinstance(raw.get("epoch"), int) else None
             break
-    state = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    state = {}
+    for key, value in nested.items():
+        if isinstance(value, torch.Tensor):
+            key = key.removeprefix("module.")
+            state[key.removeprefix("enc.")] = value
     if not any(k.startswith(TOP_DOWN_KEYS) for k in state):
-        raise HarnessError(f"TOAST checkpoint {path} has no top-down keys (prompt, top_down_transform, "
-                           f"decoders.<l>.linear/linear2.weight); its keys start with: {_short(state)}")
-    return state, meta
+        inner = f"; its tensors: {_short(state)}" if state else "; it holds no tensors at that level"
+        raise HarnessError(
+            f"TOAST checkpoint {path} has no top-down keys (prompt, top_down_transform, decoders.<l>.linear/"
+            f"linear2.weight, optionally under enc. or module.): its top-level keys are {_short(top_level)}{inner}")
+    if origin == "harness":
+        settings = meta.get("settings") or {}
+        if "v_bias_twice" not in settings:
+            raise HarnessError(f"TOAST checkpoint {path}: its harness metadata records no settings.v_bias_twice, so "
+                               "the forward pass it was trained with is unknown; pre-tune it again with "
+                               "`harness pretune ... --force`")
+        settings = {"v_bias_twice": bool(settings["v_bias_twice"])}
+    else:
+        settings = dict(OFFICIAL_SETTINGS)
+    return Checkpoint(path, state, origin, meta, settings, epoch)
 
 
-def load_top_down(model: TopDownViT, path: str | Path, backbone_keys: str = "check") -> LoadReport:
-    """Load the top-down module (xi, P, decoders) from a checkpoint into ``model``.
+def applied_settings(checkpoint: Checkpoint, hparams: dict[str, Any], method: str = "toast") -> dict[str, Any]:
+    """The settings a model loading ``checkpoint`` must use: the checkpoint's, unless the trial set one explicitly
+    (not None) to the same value. An explicit contradicting value is refused: the weights were trained for the other
+    forward pass."""
+    applied: dict[str, Any] = {}
+    for key, value in checkpoint.settings.items():
+        explicit = hparams.get(key)
+        if explicit is not None and bool(explicit) != bool(value):
+            remedy = (f"set pretune.{key}: {str(bool(explicit)).lower()} and pre-tune again"
+                      if checkpoint.origin == "harness" else
+                      "use a checkpoint made with that setting")
+            raise HarnessError(
+                f"method {method} sets {key}: {str(bool(explicit)).lower()}, but its checkpoint {checkpoint.path} "
+                f"({checkpoint.described}) was made with {key}={value}: remove the setting from the suite's "
+                f"grids/settings for {method} (the checkpoint's value is then used), or {remedy}")
+        applied[key] = value
+    return applied
+
+
+def load_top_down(model: TopDownViT, source: str | Path | Checkpoint, backbone_keys: str = "check",
+                  hparams: dict[str, Any] | None = None, method: str = "toast") -> LoadReport:
+    """Load the top-down module (xi, P, decoders) from a checkpoint into ``model``, with the settings it was made
+    with.
+
+    ``model.v_bias_twice`` is set to the checkpoint's (True for official files); ``hparams`` are the trial's
+    hyperparameters, where an explicit (not None) contradicting value is refused (:func:`applied_settings`). What was
+    applied is left on the model as ``checkpoint_settings`` (with the file's origin, path and fingerprint), which the
+    engine records with the trial.
 
     ``backbone_keys`` says what to do with the backbone's timm keys when the file has them (official checkpoints
     do): ``check`` (default) refuses a file pre-tuned on different backbone weights, ``load`` loads them into the
-    backbone, ``ignore`` skips them. ``head.*`` (the pre-tuning head) is always ignored. Missing top-down keys or
-    wrong shapes are an error naming them; unexpected ones (e.g. decoders a feedback variant does not have) are
+    backbone, ``ignore`` skips them. ``head.*`` (the pre-tuning or task head) is always ignored. Missing top-down keys
+    or wrong shapes are an error naming them; unexpected ones (e.g. decoders a feedback variant does not have) are
     reported.
     """
+    from harness.api import file_fingerprint
+
     if backbone_keys not in ("check", "load", "ignore"):
         raise HarnessError(f"pretuned_backbone: expected check, load or ignore, got {backbone_keys!r}")
-    state, meta = read_checkpoint(path)
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    path, state = checkpoint.path, checkpoint.state
+    settings = applied_settings(checkpoint, hparams or {}, method)
     own = {k: v for k, v in model.state_dict().items() if k.startswith(TOP_DOWN_KEYS)}
     given = {k: v for k, v in state.items() if k.startswith(TOP_DOWN_KEYS)}
     missing = sorted(set(own) - set(given))
@@ -344,11 +471,17 @@ def load_top_down(model: TopDownViT, path: str | Path, backbone_keys: str = "che
     ignored = sorted(k for k in state if k.startswith("head."))
     rest = {k: v for k, v in state.items() if not k.startswith(TOP_DOWN_KEYS) and not k.startswith("head.")}
     backbone_note = _backbone_keys(model.backbone, rest, backbone_keys, path, unexpected)
-    settings = meta.get("settings") or {}
-    if "v_bias_twice" in settings and bool(settings["v_bias_twice"]) != model.v_bias_twice:
-        warnings.warn(f"{path} was pre-tuned with v_bias_twice={settings['v_bias_twice']}, the model uses "
-                      f"{model.v_bias_twice}", stacklevel=2)
-    return LoadReport(sorted(update), [], unexpected, ignored, backbone_note)
+    model.v_bias_twice = bool(settings["v_bias_twice"])
+    model.checkpoint_settings = {**settings, "origin": checkpoint.origin, "checkpoint": str(path),
+                                 "sha256": file_fingerprint(path)}
+    if checkpoint.epoch is not None:
+        model.checkpoint_settings["epoch"] = checkpoint.epoch
+    if checkpoint.origin == "official-task":
+        saved = f" (saved at epoch {checkpoint.epoch})" if checkpoint.epoch is not None else ""
+        warnings.warn(f"{path} is an official per-task TOAST checkpoint{saved}: its top-down module was tuned on a "
+                      "downstream task, and TOAST's final runs save the best *test* epoch (save_best_test), so "
+                      "trials starting from it are not a clean protocol; prefer a pre-tuned module", stacklevel=2)
+    return LoadReport(sorted(update), [], unexpected, ignored, backbone_note, checkpoint.origin, settings)
 
 
 def _backbone_keys(backbone: nn.Module, rest: dict[str, torch.Tensor], mode: str, path, unexpected: list) -> str:
@@ -394,15 +527,21 @@ def add_feedback_lora(model: TopDownViT, rank: int = 4, alpha: float = 1.0) -> N
 class ToastMethod(Method):
     """TOAST (paper §3.2): frozen backbone; xi, P (setting), the feedback path and the head train."""
 
-    name = "toast"
     family = "top-down"
     description = "top-down attention steering: xi, P and the feedback path train (pre-tuned init)"
     optimizer = "sgd"
     warmup_epochs = 10
     grid = TOAST_GRID
-    defaults = {"train_P": True, "v_bias_twice": False, "frozen_eval": True}
+    #: v_bias_twice None: the checkpoint's setting (official files: True), False without one; see the module doc
+    defaults = {"train_P": True, "v_bias_twice": None, "frozen_eval": True}
+    hparam_keys = ("pretuned_backbone", "drop_path")
     needs = ("toast-pretuned",)
     suite_sections = ("pretune",)
+
+    def section_keys(self, section: str) -> dict[str, Any]:
+        from methods.toast_pretune import DEFAULTS
+
+        return dict(DEFAULTS) if section == "pretune" else {}
     #: the architecture (what pre-tuning must match) and what trains
     feedback = "full"
     token_selection = True
@@ -416,10 +555,13 @@ class ToastMethod(Method):
                           v_bias_twice=bool(hp["v_bias_twice"]), frozen_eval=bool(hp["frozen_eval"]))
 
     def build(self, backbone, num_classes: int, ctx: BuildContext) -> TopDownViT:
+        """The model; with a pre-tuned module loaded (and its settings applied: ``model.checkpoint_settings``) unless
+        the method starts from a random one or the build is for inspection only."""
         model = self.make_model(backbone, num_classes, ctx.hparams)
         if self.pretuned and not ctx.random_init:
             path = ctx.resolve_artifact("toast-pretuned")
-            report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")))
+            report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")),
+                                   hparams=ctx.hparams, method=self.name or "toast")
             if report.unexpected:
                 warnings.warn(f"{path}: {report.summary()}", stacklevel=2)
         self.set_trainable(model, {**self.defaults, **ctx.hparams})
@@ -439,7 +581,6 @@ class ToastLite(ToastMethod):
     """TOAST-Lite (paper §4.5, PROTOCOL.md §1.5): rank-4 LoRA on every feedback linear; the pre-tuned feedback
     weights stay frozen; xi, P and the head train."""
 
-    name = "toast-lite"
     description = "TOAST with rank-4 LoRA (peft) on the feedback path; xi, P and the head train"
     defaults = {**ToastMethod.defaults, "lora_rank": 4, "lora_alpha": 1.0}
 
@@ -455,19 +596,16 @@ class ToastLite(ToastMethod):
 
 
 class ToastEarly(ToastMethod):
-    name = "toast-early"
     description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
     feedback = "early"
 
 
 class ToastLate(ToastMethod):
-    name = "toast-late"
     description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
     feedback = "late"
 
 
 class ToastNoPretune(ToastMethod):
-    name = "toast-nopretune"
     description = "ablation (Table 8): TOAST from a randomly initialised top-down module"
     needs = ()
     suite_sections = ()
@@ -475,19 +613,13 @@ class ToastNoPretune(ToastMethod):
 
 
 class ToastNoToken(ToastMethod):
-    name = "toast-notoken"
     description = "ablation (Table 8): TOAST without token selection (xi unused)"
     token_selection = False
 
 
 class ToastNoChannel(ToastMethod):
-    name = "toast-nochannel"
     description = "ablation (Table 8): P and the feedback path frozen; xi and the head train"
     train_feedback = False
-
-
-for _cls in (ToastMethod, ToastLite, ToastEarly, ToastLate, ToastNoPretune, ToastNoToken, ToastNoChannel):
-    METHODS.register(_cls.name)(_cls)
 
 
 def pretune_architecture(method: Method) -> dict[str, Any]:

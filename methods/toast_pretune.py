@@ -10,6 +10,14 @@ Recipe defaults are the paper's: AdamW, lr 5e-4, 30 epochs, 3 warm-up and 3 cool
 variational-loss weight 0.03 (the official code hard-codes 0.1). Where the paper is silent we take DeiT's values (its
 backbone recipe): weight decay 0.05 on matrices, min lr 1e-5, batch 512.
 
+Training goes through the harness's one loop (``harness.api.fit``): per-step learning-rate schedule, bf16 autocast on
+GPUs (``amp``), and a resumable checkpoint next to the output (``<output>.ckpt.pt``), so an interrupted pre-tuning
+(a preempted job, Ctrl-C) continues from its last finished epoch when run again with the same settings.
+
+The inputs are the ones the suite's trials see (``ArtifactRequest.data``: image size and the resolved ``data.normalize``
+mean/std), for an ``image_folder`` as for a registered task, so the module is pre-tuned on the statistics it is later
+tuned with.
+
 A suite's ``pretune:`` section configures it::
 
     pretune:
@@ -19,13 +27,15 @@ A suite's ``pretune:`` section configures it::
       auto: false                # true (the demo): pre-tune on first use, cached
       checkpoint: null           # a file from `harness pretune --output` or an official TOAST checkpoint
 
-Resolution of ``toast-pretuned`` for a trial: ``checkpoint`` if given; else the cached file for (backbone, section,
-feedback span) if it exists; else pre-tune now when ``auto``; else a HarnessError naming the ``harness pretune``
-command that makes the file (it writes to the same cache path, so the next run finds it).
+Resolution of ``toast-pretuned`` for a trial (``make=False``): ``checkpoint`` if given; else the cached file for
+(backbone, section, feedback span, inputs) if it exists; else pre-tune now when ``auto``; else a HarnessError naming
+the ``harness pretune`` command that makes the file (it writes to the same path, so the next run finds it).
+``harness pretune`` asks with ``make=True``: the stage runs now (again with ``force``) and prints its summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,7 +44,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +52,12 @@ import torch.nn.functional as F
 from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext
 from harness.errors import HarnessError, did_you_mean
 
-PRETUNE_VERSION = 1
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.api import FitResult
+    from methods.toast import ToastMethod, TopDownViT
+
+#: 2: trained through harness.api.fit (per-epoch means), inputs (size, mean, std) in the key and the metadata
+PRETUNE_VERSION = 2
 DEFAULTS: dict[str, Any] = {
     "task": None,
     "split": "train",
@@ -59,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "train_P": True,
     "v_bias_twice": False,
     "frozen_eval": True,
+    "amp": True,
     "seed": 0,
     "num_workers": 0,
     "auto": False,
@@ -66,6 +82,8 @@ DEFAULTS: dict[str, Any] = {
 }
 #: keys that say where the result comes from, not what it is: left out of the cache key
 NOT_IN_KEY = ("auto", "checkpoint", "num_workers")
+#: keys of DataContext.settings that say where data lives, not what it is (the engine's LOCATION_KEYS)
+DATA_LOCATION_KEYS = ("root", "roots")
 
 
 def section_of(raw: dict[str, Any] | None) -> dict[str, Any]:
@@ -78,9 +96,17 @@ def section_of(raw: dict[str, Any] | None) -> dict[str, Any]:
     return {**DEFAULTS, **raw}
 
 
-def cache_key(backbone: dict[str, Any], cfg: dict[str, Any], architecture: dict[str, Any], image_size: int) -> str:
+def inputs_of(data: DataContext) -> dict[str, Any]:
+    """What the pre-tuning's inputs are (not where they live): size, normalisation and the data settings."""
+    settings = {k: v for k, v in data.settings.items() if k not in DATA_LOCATION_KEYS}
+    return {"image_size": int(data.image_size), "mean": [float(m) for m in data.mean],
+            "std": [float(s) for s in data.std], "settings": settings}
+
+
+def cache_key(backbone: dict[str, Any], cfg: dict[str, Any], architecture: dict[str, Any],
+              data: DataContext) -> str:
     content = {"backbone": backbone, "pretune": {k: v for k, v in cfg.items() if k not in NOT_IN_KEY},
-               "architecture": architecture, "image_size": image_size, "version": PRETUNE_VERSION}
+               "architecture": architecture, "inputs": inputs_of(data), "version": PRETUNE_VERSION}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -88,7 +114,12 @@ def default_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / "artifacts" / f"toast-pretuned-{key}.pt"
 
 
-def toast_method(name: str):
+def resume_path(output: Path) -> Path:
+    """Where an interrupted pre-tuning for ``output`` keeps its resumable state (removed when it finishes)."""
+    return Path(str(output) + ".ckpt.pt")
+
+
+def toast_method(name: str) -> "ToastMethod":
     """The registered TOAST method ``name`` (any method with a top-down architecture), or a clear error."""
     from methods.toast import ToastMethod
 
@@ -100,11 +131,7 @@ def toast_method(name: str):
 
 def pretune_command(suite: str, method: str, overrides: dict[str, Any] | None = None) -> str:
     """The command line that makes the checkpoint a trial of ``method`` looks for (same suite and overrides)."""
-    from methods.toast import pretune_architecture
-
-    parts = ["harness pretune", f"--suite {suite}"]
-    if pretune_architecture(toast_method(method)) != pretune_architecture(toast_method("toast")):
-        parts.append(f"--method {method}")
+    parts = ["harness pretune", f"--suite {suite}", f"--method {method}"]
     overrides = overrides or {}
     if overrides.get("backbone"):
         parts.append(f"--backbone {overrides['backbone']}")
@@ -117,31 +144,34 @@ def pretune_command(suite: str, method: str, overrides: dict[str, Any] | None = 
 
 
 # ---------------------------------------------------------------------------------------------------- artifact
-@ARTIFACTS.register("toast-pretuned")
 def toast_pretuned(request: ArtifactRequest) -> Path:
-    """The pre-tuned top-down module for the requesting trial (see the module docstring for the order)."""
-    spec = request.spec or {}
-    method = spec.get("method", "toast")
-    command = pretune_command(request.suite, method, spec.get("overrides"))
-    if spec.get("pretune") is None:
+    """The pre-tuned top-down module for ``request.method`` (see the module docstring for the order); with
+    ``request.make`` the stage runs now (see :func:`make_pretuned`)."""
+    from methods.toast import pretune_architecture
+
+    method = request.method or "toast"
+    toast = toast_method(method)
+    command = pretune_command(request.suite, method, request.overrides)
+    if not toast.pretuned:
+        raise HarnessError(f"method {method} starts from a random top-down module; it has nothing to pre-tune")
+    if request.sections.get("pretune") is None:
         raise HarnessError(
             f"method {method} needs a pre-tuned top-down module, but suite '{request.suite}' has no pretune section: "
             "add `pretune: {image_folder: <ImageNet train folder>}` (or `{task: <upstream task>}`) to the suite and "
             f"run `{command}`, or add `pretune: {{checkpoint: <official TOAST checkpoint>}}`")
-    cfg = section_of(spec["pretune"])
+    cfg = section_of(request.sections["pretune"])
     if cfg["checkpoint"]:
         path = Path(os.path.expanduser(str(cfg["checkpoint"])))
-        if not path.is_file():
-            raise HarnessError(f"pretune.checkpoint {path} does not exist; make it with `{command} --output {path}` "
-                               "or point it at an official TOAST checkpoint")
-        return path
-    from methods.toast import pretune_architecture
-
-    image_size = int((spec.get("data") or {}).get("image_size", 224))
-    key = cache_key(request.backbone, cfg, pretune_architecture(toast_method(method)), image_size)
-    path = default_path(request.cache_dir, key)
+    else:
+        key = cache_key(request.backbone, cfg, pretune_architecture(toast), _data_of(request))
+        path = default_path(request.cache_dir, key)
+    if request.make:
+        return make_pretuned(request, cfg, method, path)
     if path.exists():
         return path
+    if cfg["checkpoint"]:
+        raise HarnessError(f"pretune.checkpoint {path} does not exist; make it with `{command} --output {path}` "
+                           "or point it at an official TOAST checkpoint")
     if not cfg["auto"] and not (cfg["task"] or cfg["image_folder"]):
         raise HarnessError(
             f"no pre-tuned TOAST checkpoint for suite '{request.suite}': set pretune.image_folder (an ImageNet-style "
@@ -151,31 +181,73 @@ def toast_pretuned(request: ArtifactRequest) -> Path:
         raise HarnessError(
             f"no pre-tuned TOAST checkpoint for suite '{request.suite}' (looked for {path}): run `{command}` first, "
             "or set pretune.checkpoint to an official TOAST checkpoint")
-    from harness.store import file_lock
+    from harness.api import file_lock
 
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():
-            run_pretune(request.backbone, cfg, method, path, cache_dir=request.cache_dir,
-                        data_root=request.data_root, data=spec.get("data") or {}, resolve=_resolver(request))
+            run_pretune(request.backbone, cfg, method, path, data=_data_of(request), resolve=_resolver(request),
+                        progress=request.progress)
     return path
 
 
+def make_pretuned(request: ArtifactRequest, cfg: dict[str, Any], method: str, lookup: Path) -> Path:
+    """``harness pretune``: pre-tune now into ``request.output`` (default ``lookup``, where trials look), unless the
+    file exists and ``request.force`` is off; print what was made and how trials find it."""
+    from harness.api import file_lock
+
+    output = Path(request.output) if request.output else lookup
+    with file_lock(output.with_suffix(".lock")):  # a parallel job making the same file: wait for it, then reuse
+        if output.exists() and not request.force:
+            print(f"already pre-tuned: {output} (--force to redo)")
+            return output
+        meta = run_pretune(request.backbone, cfg, method, output, data=_data_of(request), resolve=_resolver(request),
+                           progress=request.progress)
+    print(summary(meta))
+    print(f"wrote {output} (+ {output.with_suffix('.json').name})")
+    if output != lookup:
+        print(f"use it with: pretune.checkpoint: {output}  (in the suite file, or --set pretune.checkpoint={output})")
+    else:
+        print(f"the trials of {method} in suite '{request.suite}' find it there")
+    return output
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """One line about a finished pre-tuning: time, images, last epoch's losses and accuracies."""
+    last = meta["epochs"][-1] if meta["epochs"] else {}
+    nan = float("nan")
+    text = (f"pre-tuned {meta['method']}'s top-down module in {meta['seconds']:.1f} s on {meta['data']['images']} "
+            f"images: last epoch ce {last.get('ce', nan):.3f}, var {last.get('var', nan):.4f}, "
+            f"train acc {100 * last.get('acc', nan):.1f}%")
+    if "acc_first" in last:
+        text += f" (bottom-up first pass, same head: {100 * last['acc_first']:.1f}%)"
+    if meta.get("resumed_from_epoch"):
+        text += f"; resumed from epoch {meta['resumed_from_epoch']}"
+    return text
+
+
+def _data_of(request: ArtifactRequest) -> DataContext:
+    if request.data is None:
+        raise HarnessError(f"artifact {request.name} for suite '{request.suite}': the request carries no data "
+                           "context (ArtifactRequest.data), so the pre-tuning's inputs (image size, normalisation) "
+                           "are unknown; the engine passes the one its trials use")
+    return request.data
+
+
 def _resolver(request: ArtifactRequest) -> Callable[[str], Path]:
+    """Resolves the artifacts the pre-tuning itself needs (e.g. ``artifact:`` backbone weights) as a trial would:
+    found or auto-made, never forced or redirected to ``request.output``."""
     def resolve(name: str) -> Path:
-        provider = ARTIFACTS.get(name)
-        return Path(provider(ArtifactRequest(name=name, suite=request.suite, cache_dir=request.cache_dir,
-                                             backbone=request.backbone, spec=request.spec,
-                                             data_root=request.data_root)))
+        nested = dataclasses.replace(request, name=name, make=False, force=False, output=None)
+        return Path(os.path.expanduser(str(ARTIFACTS.get(name)(nested))))
 
     return resolve
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def pretune_dataset(cfg: dict[str, Any], cache_dir: Path, data_root: Path | None, data: dict[str, Any],
-                    backbone) -> tuple[torch.utils.data.Dataset, int, str]:
-    """(dataset, number of classes, fingerprint) from ``image_folder`` (ImageNet-style) or a registered task."""
-    data = dict(data)
-    image_size = int(data.pop("image_size", 224))
+def pretune_dataset(cfg: dict[str, Any], data: DataContext,
+                    backbone: torch.nn.Module) -> tuple[torch.utils.data.Dataset, int, str]:
+    """(dataset, number of classes, fingerprint) from ``image_folder`` (ImageNet-style) or a registered task, with
+    the size and normalisation of ``data`` (what the suite's trials use)."""
     if cfg["image_folder"]:
         from timm.data import create_transform, resolve_data_config
         from torchvision.datasets import ImageFolder
@@ -183,7 +255,10 @@ def pretune_dataset(cfg: dict[str, Any], cache_dir: Path, data_root: Path | None
         root = Path(os.path.expanduser(str(cfg["image_folder"])))
         if not root.is_dir():
             raise HarnessError(f"pretune.image_folder {root} is not a folder (expected <root>/<class>/<image> files)")
-        config = resolve_data_config({"input_size": (3, image_size, image_size)}, model=backbone)
+        size = int(data.image_size)
+        # the backbone's interpolation and crop; the trials' mean/std, not timm's pretrained config's
+        config = resolve_data_config({"input_size": (3, size, size)}, model=backbone)
+        config.update(mean=tuple(data.mean), std=tuple(data.std))
         # DeiT-style training crops and flips; no mixup/cutmix (paper A.2)
         transform = create_transform(**config, is_training=True)
         dataset = ImageFolder(str(root), transform=transform)
@@ -193,8 +268,7 @@ def pretune_dataset(cfg: dict[str, Any], cache_dir: Path, data_root: Path | None
     task = TASKS.get(cfg["task"])
     if cfg["split"] not in task.splits:
         raise HarnessError(f"pretune.split: task {task.name} has splits {', '.join(task.splits)}, not '{cfg['split']}'")
-    ctx = DataContext(data_root=data_root, cache_dir=cache_dir, image_size=image_size, settings=data)
-    return task.dataset(cfg["split"], ctx, train=True), task.num_classes, task.fingerprint(cfg["split"], ctx)
+    return task.dataset(cfg["split"], data, train=True), task.num_classes, task.fingerprint(cfg["split"], data)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -208,7 +282,7 @@ def lr_at(step: int, total: int, warmup: int, cooldown: int, lr: float, min_lr: 
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / decay))
 
 
-def trainable_for_pretune(model, train_P: bool) -> list[torch.nn.Parameter]:
+def trainable_for_pretune(model: "TopDownViT", train_P: bool) -> list[torch.nn.Parameter]:
     """Freeze everything but xi, P (if ``train_P``), the feedback path and the (upstream) head."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -220,116 +294,134 @@ def trainable_for_pretune(model, train_P: bool) -> list[torch.nn.Parameter]:
     return params
 
 
-def pretune_model(model, loader, cfg: dict[str, Any], device: str = "cpu", progress: bool = True,
-                  desc: str = "pre-tuning TOAST") -> list[dict[str, float]]:
-    """Train the top-down module of ``model`` (a TopDownViT with an upstream head) in place; per-step history."""
+def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
+    """The stage's objective for ``harness.api.fit``: CE (the mean of both passes' CE when ``first_pass_ce`` and the
+    first pass runs whole) + ``var_loss_weight`` x the variational loss. Logs ce, var, acc and, when there is a
+    whole first pass, acc_first (the bottom-up features with the same head, for comparison)."""
+
+    def objective(model: "TopDownViT", images: torch.Tensor, labels: torch.Tensor):
+        out = model.forward_detailed(images, var_loss=var_loss_weight > 0)
+        logits = model.head(out.features).float()
+        ce = F.cross_entropy(logits, labels)
+        logs: dict[str, float] = {"acc": (logits.argmax(1) == labels).float().mean().item()}
+        if out.first_features is not None:
+            first_logits = model.head(out.first_features).float()
+            logs["acc_first"] = (first_logits.argmax(1) == labels).float().mean().item()
+            if first_pass_ce:
+                ce = 0.5 * (ce + F.cross_entropy(first_logits, labels))
+        var = out.var_loss.float() if out.var_loss is not None else torch.zeros((), device=images.device)
+        logs.update(ce=ce.item(), var=var.item())
+        return ce + var_loss_weight * var, logs
+
+    return objective
+
+
+def pretune_model(model: "TopDownViT", loader, cfg: dict[str, Any], device: str = "cpu", progress: bool = True,
+                  desc: str = "pre-tuning TOAST", checkpoint: Path | None = None,
+                  generator: torch.Generator | None = None) -> "FitResult":
+    """Train the top-down module of ``model`` (a TopDownViT with an upstream head, on ``device``) in place through
+    ``harness.api.fit``; the result's history has one entry per epoch (means of ce, var, acc, acc_first). With
+    ``checkpoint``, an interrupted run resumes from its last finished epoch (pass the loader's ``generator`` so the
+    shuffling resumes too). A non-finite loss is a HarnessError."""
+    from harness.api import fit
+
+    lr = float(cfg["lr"])
+    if not lr > 0:
+        raise HarnessError(f"pretune.lr: expected a positive learning rate, got {cfg['lr']!r}")
     params = trainable_for_pretune(model, bool(cfg["train_P"]))
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=float(cfg["lr"]))
-    steps_per_epoch = len(loader)
-    total = int(cfg["epochs"]) * steps_per_epoch
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    epochs, steps_per_epoch = int(cfg["epochs"]), len(loader)
+    total = epochs * steps_per_epoch
     warmup, cooldown = int(cfg["warmup_epochs"]) * steps_per_epoch, int(cfg["cooldown_epochs"]) * steps_per_epoch
-    weight, both = float(cfg["var_loss_weight"]), bool(cfg["first_pass_ce"])
-    history: list[dict[str, float]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-    model.train()
-    step = 0
-    for epoch in range(int(cfg["epochs"])):
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cooldown, float(cfg["lr"]), float(cfg["min_lr"]))
-            out = model.forward_detailed(images, var_loss=weight > 0)
-            logits = model.head(out.features)
-            ce = F.cross_entropy(logits, labels)
-            if both and out.first_features is not None:
-                ce = 0.5 * (ce + F.cross_entropy(model.head(out.first_features), labels))
-            var = out.var_loss if out.var_loss is not None else torch.zeros((), device=images.device)
-            loss = ce + weight * var
-            if not torch.isfinite(loss):
-                raise HarnessError(f"pre-tuning diverged at step {step} (loss {loss.item()}); lower pretune.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            acc = (logits.argmax(1) == labels).float().mean().item()
-            record = {"epoch": epoch + 1, "step": step, "ce": ce.item(), "var": var.item(), "acc": acc,
-                      "lr": optimizer.param_groups[0]["lr"]}
-            if out.first_features is not None:  # the bottom-up pass with the same head, for comparison
-                record["acc_first"] = (model.head(out.first_features).argmax(1) == labels).float().mean().item()
-            history.append(record)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(ep=epoch + 1, ce=f"{ce.item():.3f}", var=f"{var.item():.3f}", acc=f"{acc:.2f}")
-    if bar is not None:
-        bar.close()
-    return history
+    min_lr = float(cfg["min_lr"])
+    result = fit(model, loader, optimizer, epochs=epochs,
+                 objective=pretune_objective(float(cfg["var_loss_weight"]), bool(cfg["first_pass_ce"])),
+                 lr_factor=lambda step: lr_at(step, total, warmup, cooldown, lr, min_lr) / lr, per_step=True,
+                 device=device, amp=bool(cfg.get("amp", True)), generator=generator, checkpoint=checkpoint,
+                 progress=desc if progress else None)
+    if result.status != "ok":
+        epoch = result.history[-1]["epoch"] if result.history else 1
+        raise HarnessError(f"pre-tuning diverged in epoch {epoch} (non-finite loss; learning rate "
+                           f"{result.history[-1]['lr'] if result.history else lr:.3g}); lower pretune.lr (now {lr})")
+    return result
 
 
-def epoch_summary(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    out = []
-    for epoch in sorted({h["epoch"] for h in history}):
-        rows = [h for h in history if h["epoch"] == epoch]
-        keys = [k for k in ("ce", "var", "acc", "acc_first") if k in rows[0]]
-        out.append({"epoch": epoch, **{k: round(sum(r[k] for r in rows) / len(rows), 5) for k in keys}})
-    return out
+def epoch_summary(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch means, rounded, of what the pre-tuning logs (plus its learning rate at the epoch's start)."""
+    keys = ("ce", "var", "acc", "acc_first", "lr")
+    return [{"epoch": h["epoch"], **{k: round(float(h[k]), 6) for k in keys if k in h}} for h in history]
 
 
-def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str, output: Path, *, cache_dir: Path,
-                data_root: Path | None = None, data: dict[str, Any] | None = None,
-                resolve: Callable[[str], Path] | None = None, device: str | None = None,
+def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str, output: Path, *,
+                data: DataContext, resolve: Callable[[str], Path] | None = None, device: str | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Pre-tune the top-down module of ``method``'s architecture on the suite's backbone and write ``output``
-    (a torch file ``{"model": official-key state, "harness": metadata}``) plus a JSON sidecar; returns the metadata."""
-    from harness.provenance import provenance
-    from harness.train import pick_device, seed_everything
-    from methods.backbone import build_backbone, file_fingerprint, resolve_weights
+    (a torch file ``{"model": official-key state, "harness": metadata}``) plus a JSON sidecar; returns the metadata.
+
+    The inputs are ``data`` (the trials' DataContext). While it runs, ``<output>.ckpt.pt`` holds the resumable state
+    (with ``<output>.ckpt.json`` naming the settings it belongs to): running again with the same settings resumes
+    from it; a leftover of other settings is discarded."""
+    from harness.api import build_backbone, file_fingerprint, pick_device, provenance, resolve_weights, seed_everything
     from methods.toast import pretune_architecture, top_down_state
 
     device = device or pick_device()
     toast = toast_method(method)
+    output = Path(output)
+    key = cache_key(backbone_spec, cfg, pretune_architecture(toast), data)
+    checkpoint = resume_path(output)
+    checkpoint_key = checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".json")
+    if checkpoint.exists():
+        made_for = json.loads(checkpoint_key.read_text()).get("key") if checkpoint_key.is_file() else None
+        if made_for != key:
+            print(f"discarding {checkpoint}: it is the state of a pre-tuning with other settings")
+            checkpoint.unlink()
+    output.parent.mkdir(parents=True, exist_ok=True)
+
     seed_everything(int(cfg["seed"]))
     backbone = build_backbone(backbone_spec, resolve)
-    dataset, num_classes, fingerprint = pretune_dataset(cfg, cache_dir, data_root, data or {}, backbone)
-    model = toast.make_model(backbone, num_classes, {"v_bias_twice": cfg["v_bias_twice"],
+    dataset, num_classes, fingerprint = pretune_dataset(cfg, data, backbone)
+    model = toast.make_model(backbone, num_classes, {"v_bias_twice": bool(cfg["v_bias_twice"]),
                                                      "frozen_eval": cfg["frozen_eval"]})
     # the upstream head is thrown away: timm's ViT head init (trunc-normal 0.02, zero bias) starts it at chance
     # level instead of the downstream head's large kaiming init, so the first steps train the top-down module
     torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
     torch.nn.init.zeros_(model.head.bias)
     model = model.to(device)
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), shuffle=True, drop_last=False,
-                                         num_workers=int(cfg["num_workers"]),
-                                         generator=torch.Generator().manual_seed(int(cfg["seed"])))
+                                         num_workers=int(cfg["num_workers"]), generator=generator)
     t0 = time.perf_counter()
-    history = pretune_model(model, loader, cfg, device, desc=f"pre-tuning TOAST ({method}, once)", progress=progress)
+    checkpoint_key.write_text(json.dumps({"key": key, "output": str(output)}))
+    try:
+        result = pretune_model(model, loader, cfg, device, desc=f"pre-tuning TOAST ({method}, once)",
+                               progress=progress, checkpoint=checkpoint, generator=generator)
+    finally:
+        if not checkpoint.exists():  # finished, diverged, or stopped before its first checkpoint: nothing to resume
+            checkpoint_key.unlink(missing_ok=True)
     weights = resolve_weights(backbone_spec, resolve)
     meta = {
-        "format": "toast-pretuned", "version": PRETUNE_VERSION, "method": method,
+        "format": "toast-pretuned", "version": PRETUNE_VERSION, "method": method, "key": key,
         "architecture": pretune_architecture(toast),
         "backbone": backbone_spec,
         "backbone_weights": file_fingerprint(weights) if isinstance(weights, Path) else weights,
         "pretune": {k: v for k, v in cfg.items() if k != "checkpoint"},
         "settings": {"v_bias_twice": bool(cfg["v_bias_twice"]), "train_P": bool(cfg["train_P"])},
+        "inputs": inputs_of(data),
         "data": {"task": cfg["task"], "split": cfg["split"], "image_folder": cfg["image_folder"],
                  "images": len(dataset), "classes": num_classes, "fingerprint": fingerprint},
-        "epochs": epoch_summary(history),
+        "epochs": epoch_summary(result.history),
         "seconds": round(time.perf_counter() - t0, 2),
         "created_at": datetime.now(timezone.utc).isoformat(),
         "provenance": provenance(device),
     }
+    if result.resumed_from:
+        meta["resumed_from_epoch"] = result.resumed_from
     meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only=True
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     torch.save({"model": top_down_state(model), "harness": meta}, tmp)
     os.replace(tmp, output)
-    sidecar = output.with_suffix(".json")
-    sidecar.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    output.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return meta

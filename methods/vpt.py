@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.api import METHODS, BuildContext, Method, Task
+from harness.api import BuildContext, Method, Task
 from harness.errors import HarnessError
 from methods.common import feature_dim, freeze, make_head
 
@@ -43,38 +43,22 @@ VTAB_PROMPT_LENGTH: dict[str, int] = {
     "clevr_count": 100, "clevr_dist": 200, "dmlab": 100, "kitti": 100, "dsprites_loc": 100, "dsprites_ori": 100,
     "smallnorb_azi": 200, "smallnorb_ele": 200,
 }
-#: other spellings of the VTAB tasks seen in the field (NOAH/SSF dataset keys, TFDS names)
-VTAB_ALIASES: dict[str, str] = {
-    "cifar100": "cifar", "caltech": "caltech101", "flowers102": "oxford_flowers102", "flowers": "oxford_flowers102",
-    "oxford_pet": "oxford_iiit_pet", "pets": "oxford_iiit_pet", "pet": "oxford_iiit_pet",
-    "svhn_cropped": "svhn", "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy",
-    "diabetic_retinopathy_detection": "diabetic_retinopathy",
-}
 #: default prompt length by task family when a task has no entry of its own
 FAMILY_PROMPT_LENGTH: dict[str, int] = {"fgvc": 100}
 DEFAULT_PROMPT_LENGTH = 10
-_VTAB_PREFIXES = ("vtab-1k-", "vtab1k-", "vtab-1k_", "vtab1k_", "vtab-", "vtab_", "vtab/", "vtab:")
 
 
 def vtab_folder(task_name: str) -> str | None:
-    """The VTAB-1k folder name a task name refers to, or None (``vtab-clevr-count`` -> ``clevr_count``)."""
-    key = task_name.lower()
-    for prefix in _VTAB_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
-    key = key.replace("-", "_")
-    key = VTAB_ALIASES.get(key, key)
-    return key if key in VTAB_PROMPT_LENGTH else None
+    """The VTAB-1k folder a registered VTAB task reads (``vtab-clevr_count`` -> ``clevr_count``), or None."""
+    folder = task_name.removeprefix("vtab-")
+    return folder if folder != task_name and folder in VTAB_PROMPT_LENGTH else None
 
 
 def default_prompt_length(task: Task) -> int:
-    family = (task.family or "").lower()
-    if family.startswith("vtab") or task.name.lower().startswith("vtab"):
-        folder = vtab_folder(task.name)
-        if folder is not None:
-            return VTAB_PROMPT_LENGTH[folder]
-    return FAMILY_PROMPT_LENGTH.get(family, DEFAULT_PROMPT_LENGTH)
+    folder = vtab_folder(task.name)
+    if folder is not None:
+        return VTAB_PROMPT_LENGTH[folder]
+    return FAMILY_PROMPT_LENGTH.get(task.family, DEFAULT_PROMPT_LENGTH)
 
 
 def prompt_init_bound(patch_size: tuple[int, int], dim: int) -> float:
@@ -156,6 +140,7 @@ class _VPT(Method):
     grid = {"lr": [5, 2.5, 1, 50, 25, 10, 0.5, 0.25, 0.1, 0.05], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
     deep: bool = True
     defaults: dict[str, Any] = {}
+    hparam_keys = ("drop_path",)
 
     def defaults_for(self, task: Task) -> dict[str, Any]:
         return dict(self.defaults, prompt_length=default_prompt_length(task))
@@ -168,17 +153,13 @@ class _VPT(Method):
                            frozen_eval=bool(hp["frozen_eval"]))
 
 
-@METHODS.register("vpt-deep")
 class VPTDeep(_VPT):
-    name = "vpt-deep"
     description = "frozen ViT; learned prompt tokens replaced before every block (VPT-deep) + linear head"
     deep = True
     defaults = {"prompt_length": DEFAULT_PROMPT_LENGTH, "prompt_dropout": 0.1, "frozen_eval": True}
 
 
-@METHODS.register("vpt-shallow")
 class VPTShallow(_VPT):
-    name = "vpt-shallow"
     description = "frozen ViT; learned prompt tokens inserted once at the input (VPT-shallow) + linear head"
     deep = False
     defaults = {"prompt_length": DEFAULT_PROMPT_LENGTH, "prompt_dropout": 0.0, "frozen_eval": True}

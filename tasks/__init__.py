@@ -40,5 +40,5 @@ INDEX: dict[str, str] = {
 
 #: artifacts (weights, checkpoints) that task families know how to make: name -> registering module
 ARTIFACTS: dict[str, str] = {
-    "demo-backbone": "tasks.demo",
+    "demo-backbone": "tasks.demo:demo_backbone",
 }

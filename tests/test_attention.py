@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness.commands.attention import attention_maps, cls_attention
-from methods.backbone import build_backbone
+from harness.attention import attention_maps, cls_attention, load_image
+from harness.backbone import build_backbone
 from methods.common import BackboneClassifier
 from methods.toast import TopDownViT
 from conftest import TINY_BACKBONE, TINY_PRETUNE
-
-
 
 
 def images(n: int = 2) -> torch.Tensor:
@@ -52,6 +50,27 @@ def test_toast_gives_first_pass_selection_and_second_pass_panels(feedback, token
         bottom_up = cls_attention(model.backbone.blocks[-1], _last_block_input(model.backbone, x), (4, 4))
     if feedback == "full":  # the first pass is the plain backbone
         torch.testing.assert_close(maps["first pass"], bottom_up)
+
+
+def test_the_read_out_is_library_code_plugins_reach_through_the_api():
+    import harness.api
+    import harness.attention
+    import harness.commands.attention as command
+
+    assert harness.api.cls_attention is harness.attention.cls_attention
+    assert not hasattr(command, "cls_attention") and not hasattr(command, "attention_maps")
+
+
+def test_an_image_file_gets_the_trials_size_and_normalisation(tmp_path):
+    from PIL import Image
+
+    from harness.api import DataContext, TASKS
+
+    Image.fromarray(np.full((20, 30, 3), 255, dtype=np.uint8)).save(tmp_path / "white.png")
+    data = DataContext(data_root=None, cache_dir=tmp_path, image_size=32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.25))
+    tensor, shown, described = load_image(TASKS.get("demo-position"), data, tmp_path / "white.png")
+    assert tensor.shape == (1, 3, 32, 32) and shown.shape == (32, 32, 3) and described.endswith("white.png")
+    torch.testing.assert_close(tensor[0, :, 5, 7], torch.tensor([0.9 / 0.5, 0.8 / 0.5, 0.7 / 0.25]))
 
 
 def _last_block_input(vit, x):

@@ -1,4 +1,4 @@
-"""Backbone weights (methods/backbone.py): local files through timm's loader, clear errors for a missing or
+"""Backbone weights (harness/backbone.py): local files through timm's loader, clear errors for a missing or
 unreadable file and for wrong keys, and the weight file's fingerprint in every record."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from harness.cli import main
 from harness.errors import HarnessError
-from methods.backbone import build_backbone, file_fingerprint
+from harness.backbone import build_backbone, file_fingerprint
 from test_vtab import TINY_ARGS, make_vtab_tree
 
 ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}

@@ -109,3 +109,47 @@ def test_help_shows_examples(capsys):
         main(["run", "--help"])
     out = capsys.readouterr().out
     assert "examples:" in out and "--grid-points" in out and "--dry-run" in out
+
+
+# ----------------------------------------------------------------------- known before the first trial, exit codes
+def test_a_missing_weights_file_is_refused_before_any_trial(make_suite, tmp_path, capsys):
+    results = tmp_path / "results"
+    code = main(["run", "--suite", str(make_suite()), "--results", str(results), "--no-progress",
+                 "--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "missing.pth")])
+    assert code == 2 and not results.exists()
+    err = capsys.readouterr().err
+    assert f"backbone weights file not found: {tmp_path / 'missing.pth'}" in err and "Traceback" not in err
+
+
+def test_an_unknown_timm_backbone_is_refused_before_any_trial(make_suite, tmp_path, capsys):
+    results = tmp_path / "results"
+    code = main(["run", "--suite", str(make_suite()), "--results", str(results), "--backbone", "vit_tiny_patch16_2244"])
+    assert code == 2 and not results.exists()
+    assert "unknown timm backbone 'vit_tiny_patch16_2244'; did you mean: vit_tiny_patch16_224" in capsys.readouterr().err
+
+
+def test_a_missing_toast_checkpoint_stops_the_run_before_the_linear_cells(make_suite, tmp_path, capsys):
+    """TOAST needs a pre-tuned module the suite cannot make by itself: the run names the problem before any
+    trial, instead of training the linear cells first and stopping halfway."""
+    suite = make_suite(methods=["linear", "toast"], pretune={"image_folder": None, "checkpoint": None},
+                       grids={"linear": {"lr": [1.0], "weight_decay": [0.0]}, "toast": {"lr": [1.0], "weight_decay": [0.0]}})
+    results = tmp_path / "results"
+    assert main(["run", "--suite", str(suite), "--results", str(results), "--no-progress"]) == 2
+    assert not list(results.rglob("*.json"))
+    assert "harness pretune --suite" in capsys.readouterr().err
+
+
+def test_a_cell_whose_search_all_diverged_makes_the_run_exit_1(make_suite, tmp_path, capsys):
+    suite = make_suite(methods=["finetune"], tasks=["demo-digits"],
+                       grids={"finetune": {"lr": [1.0e30], "weight_decay": [0.0]}})
+    code = main(["run", "--suite", str(suite), "--results", str(tmp_path / "results"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "not finished: finetune/demo-digits: no search trial finished (all diverged)" in captured.err
+
+
+def test_data_loader_workers_are_capped_at_usable_cpus():
+    from harness.train import loader_workers, usable_cpus
+
+    assert loader_workers(8) == min(8, usable_cpus()) and loader_workers(0) == 0
+    assert loader_workers(10_000) == usable_cpus()

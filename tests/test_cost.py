@@ -12,7 +12,7 @@ from torch import nn
 
 from harness.api import METHODS, Method
 from harness.cost import PeakMemory, forward_flops, method_cost, parameter_counts
-from methods.backbone import build_backbone
+from harness.backbone import build_backbone
 
 
 class _Toy(nn.Module):
@@ -86,15 +86,18 @@ def test_peak_memory_on_cpu_is_rss_growth() -> None:
 
 
 def test_a_trial_record_carries_its_cost_and_the_table_shows_it(make_suite, tmp_path) -> None:
-    from harness.plan import Cell, make_spec
+    from harness.plan import Cell, final_specs, fixed_hparams
     from harness.store import Store
     from harness.sweep import load_suite
     from harness.table import build_table
     from harness.train import TrialEnv, run_trial
 
-    suite = load_suite(str(make_suite(methods=["lora"], grids={"lora": {"lr": [0.5], "weight_decay": [0.0]}})))
-    spec = make_spec(suite, Cell("lora", "demo-digits"), "final",
-                     {**METHODS.get("lora").defaults, "lr": 0.5, "weight_decay": 0.0}, seed=42)
+    # the fixed protocol (as FGVC): the table counts this final without a search before it
+    suite = load_suite(str(make_suite(
+        methods=["lora"], grids=None, fixed={"lora": {"*": {"lr": 0.5, "weight_decay": 0.0}}},
+        protocol={"kind": "fixed", "final": {"train": "train800val200", "eval": "test"}, "seeds": [42]})))
+    cell = Cell("lora", "demo-digits")
+    spec = final_specs(suite, cell, fixed_hparams(suite, cell))[0]
     record = run_trial(spec, TrialEnv(cache_dir=tmp_path / "cache", progress=False))
     assert record["status"] == "ok", record.get("error")
     params, cost = record["params"], record["cost"]

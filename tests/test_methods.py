@@ -17,7 +17,7 @@ from harness.api import METHODS, TASKS, BuildContext, Task
 from harness.cost import forward_flops, parameter_counts
 from harness.errors import HarnessError
 from harness.train import trainable_state
-from methods.backbone import build_backbone
+from harness.backbone import build_backbone
 
 NUM_CLASSES = 5
 IMAGE_SIZE = TINY_BACKBONE["model_args"]["img_size"]
@@ -179,10 +179,9 @@ class _FakeTask(Task):
 
 
 @pytest.mark.parametrize("task_name,family,expected", [
-    ("vtab-cifar", "vtab", 10), ("vtab-clevr_dist", "vtab", 200), ("vtab-smallnorb-azi", "vtab", 200),
-    ("vtab_oxford_flowers102", "vtab", 1), ("sun397", "vtab", 5), ("vtab-cifar100", "vtab", 10),
-    ("vtab-pets", "vtab", 1), ("vtab-something-new", "vtab", 10), ("fgvc-cub", "fgvc", 100),
-    ("demo-digits", "demo", 10),
+    ("vtab-cifar", "vtab", 10), ("vtab-clevr_dist", "vtab", 200), ("vtab-smallnorb_azi", "vtab", 200),
+    ("vtab-oxford_flowers102", "vtab", 1), ("vtab-sun397", "vtab", 5), ("vtab-something_new", "vtab", 10),
+    ("fgvc-cub", "fgvc", 100), ("demo-digits", "demo", 10),
 ])
 def test_vpt_prompt_length_defaults(task_name: str, family: str, expected: int) -> None:
     for name in ("vpt-deep", "vpt-shallow"):
@@ -241,3 +240,34 @@ def test_lora_settings_and_errors() -> None:
         build("lora", target_modules=["no_such_layer"])
     with pytest.raises(HarnessError, match="empty"):
         build("lora", target_modules="")
+
+
+@pytest.mark.parametrize(("choice", "weight_decay", "expected"), [
+    ("paper", 0.001, (torch.optim.AdamW, 0.001)),
+    ("paper", 0.0, (torch.optim.AdamW, 0.0)),
+    ("official", 0.001, (torch.optim.AdamW, 0.01)),  # the official AdamW forces 0.01 whenever decay > 0
+    ("official", 0.0, (torch.optim.SGD, 0.0)),  # ... and falls back to SGD (momentum 0.9) when it is 0
+])
+def test_finetune_optimizer_setting(choice: str, weight_decay: float, expected: tuple[type, float]) -> None:
+    from harness.train import make_optimizer
+
+    hparams = {"lr": 0.01, "weight_decay": weight_decay, "optimizer": choice}
+    method, model = build("finetune", **hparams)
+    optimizer = make_optimizer(method, model, 0.01, hparams)
+    kind, decay = expected
+    assert type(optimizer) is kind
+    decayed = optimizer.param_groups[0]
+    assert decayed["weight_decay"] == decay
+    assert all(p.ndim > 1 for p in decayed["params"])  # biases and norms never decay
+    if kind is torch.optim.SGD:
+        assert decayed["momentum"] == 0.9
+
+
+def test_finetune_optimizer_typo_is_refused_before_anything_runs(make_suite) -> None:
+    from harness.sweep import load_suite
+
+    path = make_suite(settings={"finetune": {"optimizer": "oficial"}})
+    with pytest.raises(HarnessError, match=r"settings\.finetune\.optimizer: expected one of paper, official, got "
+                                           r"'oficial'"):
+        load_suite(str(path))
+    assert load_suite(str(make_suite(settings={"finetune": {"optimizer": "official"}}))).methods

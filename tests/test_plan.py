@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 import pytest
 
 from harness.errors import HarnessError
-from harness.plan import Cell, final_specs, search_specs, select_best, trial_id
+from harness.plan import Cell, TrialSpec, cell_state, final_specs, search_specs, select_best, trial_id
 from harness.runner import run_cell
 from harness.store import Store
 from harness.sweep import load_suite
 
 
 def fake_record(spec, value, status="ok"):
-    return {"id": trial_id(spec), "spec": spec, "status": status, "metrics": {"eval": value}, "curve": [],
+    return {"id": trial_id(spec), "spec": spec.to_dict(), "status": status, "metrics": {"eval": value}, "curve": [],
             "params": {}, "provenance": {}}
 
 
@@ -22,10 +22,10 @@ def test_grid_is_the_product_of_axes_with_fixed_settings(make_suite):
     suite = load_suite(str(make_suite(grids={"linear": {"lr": [1.0, 0.5, 0.1], "weight_decay": [0.0, 0.01]}},
                                       settings={"linear": {"frozen_eval": False}})))
     specs = search_specs(suite, Cell("linear", "demo-digits"))
-    points = [(s["hparams"]["lr"], s["hparams"]["weight_decay"]) for s in specs]
+    points = [(s.hparams["lr"], s.hparams["weight_decay"]) for s in specs]
     assert points == [(1.0, 0.0), (1.0, 0.01), (0.5, 0.0), (0.5, 0.01), (0.1, 0.0), (0.1, 0.01)]
-    assert all(s["hparams"]["frozen_eval"] is False for s in specs)
-    assert all(s["train_split"] == "train800" and s["eval_split"] == "val200" for s in specs)
+    assert all(s.hparams["frozen_eval"] is False for s in specs)
+    assert all(s.train_split == "train800" and s.eval_split == "val200" for s in specs)
     assert len({trial_id(s) for s in specs}) == 6
 
 
@@ -40,10 +40,9 @@ def test_ids_are_stable_and_content_addressed(make_suite):
     first = [trial_id(s) for s in search_specs(suite, cell)]
     assert first == [trial_id(s) for s in search_specs(load_suite(str(make_suite())), cell)]
     spec = search_specs(suite, cell)[0]
-    changed = copy.deepcopy(spec)
-    changed["seed"] = 7
-    assert trial_id(changed) != trial_id(spec)
-    assert trial_id(dict(reversed(list(spec.items())))) == trial_id(spec)  # key order does not matter
+    assert trial_id(dataclasses.replace(spec, seed=7)) != trial_id(spec)
+    assert trial_id(dict(reversed(list(spec.to_dict().items())))) == trial_id(spec)  # key order does not matter
+    assert TrialSpec.from_dict(spec.to_dict()) == spec and spec.id == trial_id(spec.to_dict())
 
 
 def test_overrides_never_share_ids_with_the_full_protocol(make_suite):
@@ -57,8 +56,8 @@ def test_overrides_never_share_ids_with_the_full_protocol(make_suite):
 def test_final_trials_use_all_protocol_seeds_on_train_plus_val_and_test(make_suite):
     suite = load_suite(str(make_suite(protocol={**load_suite("demo").protocol, "seeds": [42, 44, 82, 100, 800]})))
     specs = final_specs(suite, Cell("linear", "demo-digits"), {"lr": 0.1, "weight_decay": 0.0})
-    assert [s["seed"] for s in specs] == [42, 44, 82, 100, 800]
-    assert {(s["train_split"], s["eval_split"]) for s in specs} == {("train800val200", "test")}
+    assert [s.seed for s in specs] == [42, 44, 82, 100, 800]
+    assert {(s.train_split, s.eval_split) for s in specs} == {("train800val200", "test")}
 
 
 def test_selection_ties_go_to_the_smaller_lr(make_suite):
@@ -88,17 +87,17 @@ def test_no_search_decision_ever_reads_the_test_split(make_suite, tmp_path):
 
     def trainer(spec):
         seen.append(spec)
-        lr = spec["hparams"]["lr"]
-        value = test_score[lr] if spec["eval_split"] == "test" else val_score[lr]
+        lr = spec.hparams["lr"]
+        value = test_score[lr] if spec.eval_split == "test" else val_score[lr]
         return fake_record(spec, value)
 
     outcome = run_cell(suite, Cell("linear", "demo-digits"), Store(tmp_path / "res"), trainer)
-    searches = [s for s in seen if s["stage"] == "search"]
-    finals = [s for s in seen if s["stage"] == "final"]
-    assert searches and all("test" not in (s["train_split"], s["eval_split"]) for s in searches)
-    assert outcome.selected["hparams"]["lr"] == 0.5
-    assert {s["hparams"]["lr"] for s in finals} == {0.5}
-    assert [s["eval_split"] for s in finals] == ["test"] * len(suite.seeds)
+    searches = [s for s in seen if s.stage == "search"]
+    finals = [s for s in seen if s.stage == "final"]
+    assert searches and all("test" not in (s.train_split, s.eval_split) for s in searches)
+    assert outcome.state.hparams["lr"] == 0.5 and outcome.complete
+    assert {s.hparams["lr"] for s in finals} == {0.5}
+    assert [s.eval_split for s in finals] == ["test"] * len(suite.seeds)
     # the selection step itself only ever gets search records
     assert seen.index(finals[0]) == len(searches)
 
@@ -110,7 +109,7 @@ def test_rerun_is_resume(make_suite, tmp_path):
 
     def trainer(spec):
         calls.append(spec)
-        return fake_record(spec, float(spec["hparams"]["lr"]))
+        return fake_record(spec, float(spec.hparams["lr"]))
 
     first = run_cell(suite, Cell("linear", "demo-digits"), store, trainer)
     assert first.ran == len(calls) == 2 + 2
@@ -124,6 +123,36 @@ def test_fixed_protocol_runs_only_final_trials_with_the_table_hparams(make_suite
     seen = []
     run_cell(suite, Cell("linear", "demo-digits"), Store(tmp_path / "r"),
              lambda spec: seen.append(spec) or fake_record(spec, 1.0))
-    assert [(s["stage"], s["hparams"]["lr"]) for s in seen] == [("final", 0.3)]
+    assert [(s.stage, s.hparams["lr"]) for s in seen] == [("final", 0.3)]
     with pytest.raises(HarnessError, match="no fixed hyperparameters for method 'finetune'"):
         run_cell(suite, Cell("finetune", "demo-digits"), Store(tmp_path / "r"), lambda s: fake_record(s, 1.0))
+
+
+def test_a_failed_search_trial_blocks_the_finals_until_it_is_retried(make_suite, tmp_path):
+    """The retried trial may win: running finals before it finished is how two winners' finals end up on disk."""
+    suite = load_suite(str(make_suite(grids={"linear": {"lr": [1.0, 0.1], "weight_decay": [0.0]}})))
+    cell, store = Cell("linear", "demo-digits"), Store(tmp_path / "res")
+    attempts = {"n": 0}
+
+    def flaky(spec):
+        if spec.hparams["lr"] == 0.1 and attempts["n"] == 0:
+            attempts["n"] += 1
+            return fake_record(spec, None, status="failed")
+        return fake_record(spec, 90.0 if spec.hparams["lr"] == 0.1 else 50.0)
+
+    first = run_cell(suite, cell, store, flaky)
+    assert first.failed == 1 and not first.complete and "1 failed" in first.note
+    assert cell_state(suite, cell, store).finals == []  # no final trial ran for a provisional winner
+    second = run_cell(suite, cell, store, flaky)
+    state = cell_state(suite, cell, store)
+    assert second.complete and state.hparams["lr"] == 0.1
+    assert {r["spec"]["hparams"]["lr"] for r in state.final_records} == {0.1} and len(state.final_records) == 2
+
+
+def test_a_search_where_every_point_diverged_is_a_dead_end(make_suite, tmp_path):
+    suite = load_suite(str(make_suite()))
+    cell, store = Cell("linear", "demo-digits"), Store(tmp_path / "res")
+    outcome = run_cell(suite, cell, store, lambda spec: fake_record(spec, None, status="diverged"))
+    state = cell_state(suite, cell, store)
+    assert state.dead_end and not outcome.complete and "all diverged" in outcome.note
+    assert state.counts == {"done": 0, "diverged": 2, "failed": 0, "pending": 2}

@@ -32,3 +32,17 @@ def test_readme_subcommands_exist():
     text = (ROOT / "README.md").read_text()
     for name in re.findall(r"^harness (\w+)", text, re.M):
         assert name in COMMANDS, f"README mentions 'harness {name}', which is not a subcommand"
+
+
+def test_the_architecture_section_names_every_room_of_the_engine():
+    """The README's architecture table must match the tree: every module and package of harness/ is named."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Architecture"):]
+    harness = ROOT / "harness"
+    rooms = [p.name for p in harness.glob("*.py") if p.name != "__init__.py"]
+    rooms += [f"{p.name}/" for p in harness.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    missing = [room for room in rooms if f"`{room}`" not in section]
+    assert missing == []
+    table = section[section.index("| module |"):section.index("**How a trial travels")]
+    named = set(re.findall(r"`([a-z_]+(?:\.py|/))`", table))
+    assert {n for n in named if n not in rooms} == set()  # nothing named that is not there

@@ -10,7 +10,7 @@ import pytest
 
 from harness.api import METHODS, TASKS
 from harness.errors import HarnessError, UnknownNameError
-from harness.registry import DuplicateNameError, Registry
+from harness.registry import DuplicateNameError, IndexMismatchError, Registry
 
 
 @pytest.fixture
@@ -58,8 +58,32 @@ def test_get_imports_lazily_once(toy_registry):
 
 def test_indexed_name_that_never_registers_is_loud(toy_registry):
     registry, _ = toy_registry
-    with pytest.raises(DuplicateNameError, match="did not register"):
+    with pytest.raises(IndexMismatchError, match="did not register"):
         registry.get("ghost")
+
+
+def test_registering_a_name_missing_from_the_index_is_loud(toy_registry):
+    registry, _ = toy_registry
+    with pytest.raises(IndexMismatchError, match="not in the index"):
+        registry.add("gamma", "G")
+
+
+def test_a_method_name_is_written_once_in_the_index():
+    """``"name": "module:Class"``: the registry instantiates the class and names it; the class has no name."""
+    import methods
+
+    for name, target in methods.INDEX.items():
+        assert ":" in target, f"{name}: index entries are module:Class"
+        module, cls = target.split(":")
+        assert "name" not in vars(getattr(__import__(module, fromlist=[cls]), cls)), f"{cls} writes its name again"
+        assert METHODS.get(name).name == name
+
+
+def test_listing_method_facts_reads_source_without_importing_torch():
+    code = ("import sys; from harness.api import METHODS; s = METHODS.static('toast-early'); "
+            "print(s['family'], s['optimizer'], s['needs'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "top-down sgd ('toast-pretuned',) False"
 
 
 def test_duplicate_registration_is_rejected(toy_registry):
@@ -99,3 +123,11 @@ def test_listing_names_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_static_method_facts_equal_the_loaded_methods():
+    """`harness ls methods` shows facts read from source; they must be the ones the methods really have."""
+    for name in METHODS.names():
+        facts, method = METHODS.static(name), METHODS.get(name)
+        assert facts.get("family") == method.family and facts.get("description") == method.description
+        assert facts.get("optimizer", "sgd") == method.optimizer and tuple(facts.get("needs", ())) == method.needs

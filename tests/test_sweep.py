@@ -58,8 +58,20 @@ def test_overrides_change_the_suite_and_are_recorded(make_suite):
 
 
 def test_set_values_are_validated_again(make_suite):
-    with pytest.raises(HarnessError, match="train.epochs: expected"):
+    # the file is fine; the problem is the override's, so it names --set instead of a line of the file
+    with pytest.raises(HarnessError, match=r"^--set: train\.epochs: expected an integer > 0, got 'x'$"):
         load_suite(str(make_suite()), sets={"train.epochs": "x"})
+
+
+def test_missing_required_sections_are_named(make_suite):
+    path = make_suite(train=None, protocol=None)
+    with pytest.raises(HarnessError) as err:
+        load_suite(str(path))
+    assert f"{path}:" in str(err.value) and "train: expected a mapping, got null" in str(err.value)
+    raw = path.read_text().replace("suite: tiny\n", "")
+    path.write_text(raw)
+    with pytest.raises(HarnessError, match=rf"{path}: suite: missing required section"):
+        load_suite(str(path))
 
 
 def test_set_on_where_to_run_keys_is_not_a_trial_override(make_suite):

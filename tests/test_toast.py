@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from harness.api import METHODS, BuildContext
 from harness.errors import HarnessError
-from methods.backbone import build_backbone
+from harness.backbone import build_backbone
 from methods.toast import TopDownViT, load_top_down, read_checkpoint, top_down_state
 from conftest import TINY_BACKBONE, TINY_PRETUNE
 
@@ -150,7 +150,7 @@ def test_variational_loss_decreases_during_pretuning():
     model = TopDownViT(backbone(), 4)
     x, y = images(32, seed=3), torch.arange(32) % 4
     cfg = {**DEFAULTS, "epochs": 8, "lr": 1e-2, "warmup_epochs": 0, "cooldown_epochs": 0}  # 8 steps, weight 0.03
-    history = pretune_model(model, [(x, y)], cfg, progress=False)
+    history = pretune_model(model, [(x, y)], cfg, progress=False).history  # one step per epoch
     var = [h["var"] for h in history]
     assert all(b < a for a, b in zip(var[:4], var[1:5])) and var[-1] < 0.9 * var[0], var
     assert all(not p.requires_grad for p in model.backbone.parameters())
@@ -158,9 +158,11 @@ def test_variational_loss_decreases_during_pretuning():
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 def test_official_checkpoint_keys_round_trip(tmp_path):
-    source = TopDownViT(backbone(seed=0), 5)
+    source = TopDownViT(backbone(seed=0), 5, v_bias_twice=True)  # official files: the V bias added twice
     with torch.no_grad():
         source.top_down_transform.add_(0.01 * torch.randn_like(source.top_down_transform))
+        for blk in source.backbone.blocks:
+            blk.attn.qkv.bias.normal_()  # timm initialises it to zero, where the doubled bias changes nothing
     official = {**source.backbone.state_dict(), **top_down_state(source), "head.weight": torch.zeros(1000, 32)}
     official["prompt"] = official["prompt"].reshape(1, 1, -1)  # stored with a different shape, same numel
     assert {"prompt", "top_down_transform", "decoders.0.linear.weight", "decoders.3.linear2.weight"} <= set(official)
@@ -169,12 +171,95 @@ def test_official_checkpoint_keys_round_trip(tmp_path):
     torch.save(official, plain)
     x = images()
     for path in (wrapped, plain):
-        target = TopDownViT(backbone(seed=0), 5)
+        target = TopDownViT(source.backbone, 5)
         target.head.load_state_dict(source.head.state_dict())
         report = load_top_down(target, path)
-        assert report.ignored == ["head.weight"] and "match" in report.backbone
+        assert report.ignored == ["head.weight"] and "match" in report.backbone and report.origin == "official"
         with torch.no_grad():
             assert torch.equal(target.eval()(x), source.eval()(x))
+
+
+def _bias_backbone(seed: int = 0):
+    """A backbone whose qkv biases are not zero, so adding b_v once or twice gives different features."""
+    bb = backbone(seed=seed)
+    with torch.no_grad():
+        for blk in bb.blocks:
+            blk.attn.qkv.bias.normal_(generator=torch.Generator().manual_seed(5))
+    return bb
+
+
+def _build_from(path: Path, name: str = "toast", num_classes: int = 5, **hparams):
+    """``name``'s model built as a trial builds it, with ``path`` as its pre-tuned checkpoint."""
+    method = METHODS.get(name)
+    hp = {**method.defaults, **hparams}  # as the plan merges them: v_bias_twice None unless set
+    ctx = BuildContext(hparams=hp, suite="test", cache_dir=Path("."), resolve_artifact=lambda artifact: path)
+    torch.manual_seed(0)
+    return method.build(_bias_backbone(), num_classes, ctx)
+
+
+def test_an_official_checkpoint_brings_the_doubled_v_bias(tmp_path):
+    source = TopDownViT(_bias_backbone(), 5, v_bias_twice=True)
+    official = tmp_path / "official.pth"
+    torch.save({"model": {**source.backbone.state_dict(), **top_down_state(source)}, "epoch": 29}, official)
+    model = _build_from(official)
+    assert model.v_bias_twice is True
+    assert model.checkpoint_settings["v_bias_twice"] is True and model.checkpoint_settings["origin"] == "official"
+    assert model.checkpoint_settings["checkpoint"] == str(official)
+    model.head.load_state_dict(source.head.state_dict())
+    x = images()
+    with torch.no_grad():
+        logits = model.eval()(x)
+        torch.testing.assert_close(logits, source.eval()(x))
+        source.v_bias_twice = False  # what the old default computed with these weights
+        assert (logits - source(x)).abs().max() > 1e-3
+    assert _build_from(official, v_bias_twice=True).v_bias_twice is True  # an explicit agreeing value is fine
+    with pytest.raises(HarnessError, match=r"sets v_bias_twice: false, but its checkpoint .*official.pth \(an "
+                                           r"official TOAST checkpoint .*\) was made with v_bias_twice=True"):
+        _build_from(official, v_bias_twice=False)
+
+
+def test_a_harness_checkpoint_brings_its_recorded_settings(tmp_path):
+    source = TopDownViT(_bias_backbone(), 5, v_bias_twice=True)
+    ours = tmp_path / "ours.pt"
+    meta = {"format": "toast-pretuned", "settings": {"v_bias_twice": True, "train_P": True}}
+    torch.save({"model": top_down_state(source), "harness": meta}, ours)
+    model = _build_from(ours)
+    assert model.v_bias_twice is True and model.checkpoint_settings["origin"] == "harness"
+    with pytest.raises(HarnessError, match=r"set pretune.v_bias_twice: false and pre-tune again"):
+        _build_from(ours, v_bias_twice=False)
+    torch.save({"model": top_down_state(source), "harness": {"format": "toast-pretuned"}}, ours)
+    with pytest.raises(HarnessError, match="records no settings.v_bias_twice"):
+        _build_from(ours)
+
+
+def test_no_checkpoint_means_the_papers_single_v_bias():
+    assert build("toast-nopretune").v_bias_twice is False
+    assert build("toast-nopretune", v_bias_twice=True).v_bias_twice is True
+    assert build("toast-nopretune").checkpoint_settings == {}
+
+
+def test_official_per_task_files_are_read(tmp_path):
+    """The official trainer saves {'epoch', 'model_state_dict', 'optimizer_state_dict'} with the encoder under enc.
+    and the task head under head.last_layer. (at the best test epoch in TOAST's final runs)."""
+    source = TopDownViT(_bias_backbone(), 5, v_bias_twice=True)
+    with torch.no_grad():
+        source.prompt.mul_(3.0)
+    encoder = {**source.backbone.state_dict(), **top_down_state(source)}
+    state = {**{f"enc.{k}": v for k, v in encoder.items()},
+             "head.last_layer.weight": torch.zeros(7, 32), "head.last_layer.bias": torch.zeros(7)}
+    path = tmp_path / "model_ckpt_epoch37.pth"
+    torch.save({"epoch": 37, "model_state_dict": state,
+                "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.origin == "official-task" and checkpoint.epoch == 37
+    assert torch.equal(checkpoint.state["prompt"], source.prompt.detach())
+    with pytest.warns(UserWarning, match="per-task TOAST checkpoint .*epoch 37.*best \\*test\\* epoch"):
+        model = _build_from(path)
+    assert torch.equal(model.prompt.detach(), source.prompt.detach())
+    assert model.v_bias_twice is True and model.checkpoint_settings["epoch"] == 37
+    with pytest.warns(UserWarning, match="per-task"):
+        report = load_top_down(TopDownViT(_bias_backbone(), 5), path)
+    assert report.ignored == ["head.last_layer.bias", "head.last_layer.weight"] and "match" in report.backbone
 
 
 def test_checkpoint_problems_are_named(tmp_path):
@@ -196,9 +281,52 @@ def test_checkpoint_problems_are_named(tmp_path):
     loaded = TopDownViT(backbone(seed=0), 5)
     load_top_down(loaded, other, backbone_keys="load")
     assert torch.equal(loaded.backbone.pos_embed, backbone(seed=7).pos_embed)
-    with pytest.raises(HarnessError, match="no top-down keys"):
-        torch.save({"model": backbone().state_dict()}, tmp_path / "vit.pth")
+    torch.save({"model_state_dict": {f"enc.{k}": v for k, v in backbone().state_dict().items()}, "epoch": 3},
+               tmp_path / "vit.pth")
+    with pytest.raises(HarnessError, match=r"no top-down keys .*top-level keys are epoch, model_state_dict; its "
+                                           r"tensors: blocks.0.attn.proj.bias"):
         read_checkpoint(tmp_path / "vit.pth")
+
+
+class _NotAllowed(dict):
+    """A dict subclass: harmless here, but torch's safe unpickler allows only the classes it was told about."""
+
+
+class _RunsCode:
+    """Unpickling this calls os.makedirs: what an untrusted pickle can do once weights_only=False is used."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.target,)
+
+
+def test_checkpoints_load_safely_allowing_only_the_official_namespace(tmp_path):
+    import argparse
+    import functools
+
+    state = top_down_state(TopDownViT(backbone(), 5))
+    official = tmp_path / "deit_style.pth"
+    torch.save({"model": state, "epoch": 29, "args": argparse.Namespace(lr=5e-4, model="vit_topdown_base_patch16_224",
+                                                                         input_size=224, var_loss=0.1)}, official)
+    assert set(read_checkpoint(official).state) == set(state)  # the official files' pickled args are allowed
+
+    marker = tmp_path / "code-ran"
+    cases = {"_NotAllowed": {"model": _NotAllowed(state)},
+             "functools.partial": {"model": state, "hook": functools.partial(print, "hi")},
+             "makedirs": {"model": state, "payload": _RunsCode(str(marker))}}
+    for type_name, content in cases.items():
+        path = tmp_path / f"{type_name}.pth"
+        torch.save(content, path)
+        with pytest.raises(HarnessError, match=rf"refusing to load TOAST checkpoint .*: it pickles \S*{type_name}"):
+            read_checkpoint(path)
+    assert not marker.exists()  # the payload never ran
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(HarnessError, match="cannot read TOAST checkpoint .*notes.pth"):
+        read_checkpoint(tmp_path / "notes.pth")
 
 
 # ---------------------------------------------------------------------------------------------------- cost
@@ -274,10 +402,10 @@ def test_missing_checkpoint_names_the_pretune_command(make_suite, capsys, tmp_pa
                        pretune={**TINY_PRETUNE, "auto": False, "seed": 12345})
     code, _, err = _run(["run", "--suite", str(suite), "--no-progress", "--grid-points", "1"], capsys)
     assert code == 2
-    assert f"run `harness pretune --suite nopretuned`" in err, err
+    assert f"run `harness pretune --suite nopretuned --method toast`" in err, err
     suite = make_suite("nosection", methods=["toast"], tasks=["demo-digits"])
     code, _, err = _run(["run", "--suite", str(suite), "--no-progress", "--grid-points", "1"], capsys)
-    assert code == 2 and "has no pretune section" in err and "`harness pretune --suite nosection`" in err, err
+    assert code == 2 and "has no pretune section" in err and "`harness pretune --suite nosection --method toast`" in err
     missing = tmp_path / "nowhere.pt"
     suite = make_suite("badckpt", methods=["toast-late"], tasks=["demo-digits"],
                        pretune={**TINY_PRETUNE, "auto": False, "checkpoint": str(missing)})
@@ -287,37 +415,51 @@ def test_missing_checkpoint_names_the_pretune_command(make_suite, capsys, tmp_pa
 
 
 def test_demo_end_to_end_pretunes_once_then_runs_the_protocol(make_suite, capsys, session_cache):
+    from harness.backbone import file_fingerprint
+
     suite = make_suite("toastdemo", methods=["toast"], tasks=["demo-position"], pretune=TINY_PRETUNE,
                        grids={"toast": {"lr": [0.25], "weight_decay": [0.0]}},
                        protocol={"seeds": [42]}, train={"epochs": 2})
     code, out, err = _run(["run", "--suite", str(suite), "--no-progress"], capsys)
     assert code == 0, err
-    assert "toast" in out
     made = sorted((session_cache / "artifacts").glob("toast-pretuned-*.pt"))
     assert made, "the auto pre-tuning left no checkpoint in the cache"
     meta = json.loads(made[0].with_suffix(".json").read_text())
     assert meta["data"]["task"] == "demo-upstream" and meta["provenance"]["git"] is not None
-    state, _ = read_checkpoint(made[0])
+    assert meta["settings"]["v_bias_twice"] is False
+    state = read_checkpoint(made[0]).state
     assert "top_down_transform" in state and "decoders.1.linear2.weight" in state
     records = [json.loads(p.read_text()) for p in Path(suite.parent / "results").rglob("*.json")]
     assert {r["spec"]["stage"] for r in records} == {"search", "final"}
-    assert all(r["status"] == "ok" and r["spec"]["pretune"]["task"] == "demo-upstream" for r in records)
+    assert all(r["status"] == "ok" and r["spec"]["sections"]["pretune"]["task"] == "demo-upstream" for r in records)
+    # every trial loaded the cached module and recorded the settings it brought
+    assert {(r["checkpoint_settings"]["origin"], r["checkpoint_settings"]["v_bias_twice"],
+             r["checkpoint_settings"]["sha256"]) for r in records} == {("harness", False, file_fingerprint(made[0]))}
+    final = next(r for r in records if r["spec"]["stage"] == "final")
+    assert f"{final['metrics']['eval']:.1f}" in out.split("demo-position")[-1], out  # the table shows the result
     # the command makes the same file the trials look up, so it has nothing to do now
     code, out, _ = _run(["pretune", "--suite", str(suite), "--no-progress"], capsys)
-    assert code == 0 and "already pre-tuned" in out
+    assert code == 0 and f"already pre-tuned: {made[0]}" in out
 
 
-def test_pretune_command_writes_a_checkpoint_with_provenance(make_suite, capsys, tmp_path):
+def test_pretune_command_writes_a_checkpoint_with_provenance(make_suite, capsys, tmp_path, session_cache):
+    from harness.inputs import suite_data_context
+    from harness.sweep import load_suite
+
     suite = make_suite("toastcmd", pretune={**TINY_PRETUNE, "auto": False})
     output = tmp_path / "pretuned.pt"
-    code, out, err = _run(["pretune", "--suite", str(suite), "--output", str(output), "--no-progress",
-                           "--set", "pretune.var_loss_weight=0.1"], capsys)
+    code, out, err = _run(["pretune", "--suite", str(suite), "--method", "toast", "--output", str(output),
+                           "--no-progress", "--set", "pretune.var_loss_weight=0.1"], capsys)
     assert code == 0, err
-    assert "pretune.checkpoint" in out
+    assert f"use it with: pretune.checkpoint: {output}" in out and f"toast: toast-pretuned -> {output}" in out
     meta = json.loads(output.with_suffix(".json").read_text())
     assert meta["pretune"]["var_loss_weight"] == 0.1 and meta["data"]["images"] == 1000
+    data = suite_data_context(load_suite(str(suite)), session_cache)
+    assert meta["inputs"]["mean"] == list(data.mean) and meta["inputs"]["std"] == list(data.std)
+    assert [e["epoch"] for e in meta["epochs"]] == [1] and meta["epochs"][0]["var"] > 0
     model = TopDownViT(build_backbone(TINY_BACKBONE), 5)
     assert len(load_top_down(model, output).loaded) == 2 + 2 * 2  # prompt, P, 2 layers x 2 linears
+    assert not Path(str(output) + ".ckpt.pt").exists()  # the resumable state is gone once the stage finished
 
 
 def test_pretune_reads_an_imagenet_style_image_folder(make_suite, capsys, tmp_path):
@@ -331,20 +473,71 @@ def test_pretune_reads_an_imagenet_style_image_folder(make_suite, capsys, tmp_pa
     suite = make_suite("toastfolder", pretune={"image_folder": str(tmp_path / "train"), "epochs": 1,
                                                "batch_size": 4, "warmup_epochs": 0, "cooldown_epochs": 0})
     output = tmp_path / "folder.pt"
-    code, _, err = _run(["pretune", "--suite", str(suite), "--output", str(output), "--no-progress"], capsys)
+    code, _, err = _run(["pretune", "--suite", str(suite), "--method", "toast", "--output", str(output),
+                         "--no-progress"], capsys)
     assert code == 0, err
     meta = json.loads(output.with_suffix(".json").read_text())
     assert meta["data"]["images"] == 8 and meta["data"]["classes"] == 2
 
 
+def test_image_folder_pretuning_normalises_as_the_trials_do(tmp_path):
+    """The transform takes mean/std from the request's DataContext (the trials' normalisation), not from timm's
+    pretrained config of the backbone."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from harness.api import DataContext
+    from methods.toast_pretune import DEFAULTS, pretune_dataset
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "0.JPEG")
+    data = DataContext(data_root=None, cache_dir=tmp_path, image_size=32, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    cfg = {**DEFAULTS, "image_folder": str(tmp_path / "train")}
+    dataset, classes, _ = pretune_dataset(cfg, data, build_backbone(TINY_BACKBONE))
+    normalize = [t for t in dataset.transform.transforms if isinstance(t, transforms.Normalize)]
+    assert classes == 1 and len(normalize) == 1
+    torch.testing.assert_close(torch.as_tensor(normalize[0].mean, dtype=torch.float64),
+                               torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    torch.testing.assert_close(torch.as_tensor(normalize[0].std, dtype=torch.float64),
+                               torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64))
+    image, _ = dataset[0]  # an all-black image: (0 - mean) / std per channel
+    torch.testing.assert_close(image[:, 0, 0], torch.tensor([-0.1 / 0.4, -0.2 / 0.5, -0.3 / 0.6]))
+
+
+def test_task_pretuning_reads_its_data_with_the_requests_context(monkeypatch, tmp_path):
+    from harness.api import DataContext
+    from methods import toast_pretune
+
+    seen: list[DataContext] = []
+
+    class Upstream:
+        name, num_classes, splits = "upstream", 3, ("train",)
+
+        def dataset(self, split, ctx, train):
+            seen.append(ctx)
+            return [(torch.zeros(3, 32, 32), 0)]
+
+        def fingerprint(self, split, ctx):
+            return f"{split}:{ctx.mean}"
+
+    monkeypatch.setattr(toast_pretune, "TASKS", type("Tasks", (), {"get": staticmethod(lambda name: Upstream())}))
+    data = DataContext(data_root=tmp_path, cache_dir=tmp_path, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                       settings={"preprocess": "vpt"})
+    _, classes, fingerprint = toast_pretune.pretune_dataset({**toast_pretune.DEFAULTS, "task": "upstream"}, data,
+                                                            build_backbone(TINY_BACKBONE))
+    assert seen == [data] and classes == 3 and fingerprint == "train:(0.5, 0.5, 0.5)"
+
+
 @pytest.mark.parametrize("suite_name", ["vtab", "fgvc", "fgvc-search"])
 def test_real_suites_without_a_pretuned_module_name_the_command(suite_name, tmp_path):
-    from harness.api import ARTIFACTS, ArtifactRequest
-    from harness.plan import Cell, final_specs
+    from harness.api import ARTIFACTS, METHODS, ArtifactRequest
+    from harness.inputs import suite_data_context
     from harness.sweep import load_suite
 
     suite = load_suite(suite_name)
-    spec = final_specs(suite, Cell("toast", suite.tasks[0]), {"lr": 0.1})[0]
-    request = ArtifactRequest("toast-pretuned", suite.name, tmp_path, spec["backbone"], spec)
-    with pytest.raises(HarnessError, match=rf"pretune.image_folder .* run `harness pretune --suite {suite_name}`"):
+    request = ArtifactRequest("toast-pretuned", suite.name, tmp_path, suite.backbone, method="toast",
+                              sections={s: suite.raw.get(s) for s in METHODS.get("toast").suite_sections},
+                              data=suite_data_context(suite, tmp_path), overrides=suite.overrides)
+    with pytest.raises(HarnessError, match=rf"pretune.image_folder .* run `harness pretune --suite {suite_name} "
+                                           "--method toast`"):
         ARTIFACTS.get("toast-pretuned")(request)

@@ -20,6 +20,7 @@ import argparse
 from harness.api import TASKS, DataContext, Task
 from harness.commands import cache_dir, formatter
 from harness.errors import HarnessError
+from harness.plan import select_tasks
 from harness.sweep import Suite, load_suite, parse_set
 
 EXAMPLES = """\
@@ -51,23 +52,11 @@ def add_parser(sub) -> None:
     check.set_defaults(func=main)
 
 
-def task_names(suite: Suite, tasks: str | None) -> list[str]:
-    """The suite's tasks, or the given comma list with the suite's task lists expanded (as ``harness run``)."""
-    if not tasks:
-        return TASKS.match(suite.tasks)
-    lists = suite.raw.get("task_lists") or {}
-    patterns: list[str] = []
-    for pattern in tasks.split(","):
-        patterns += lists.get(pattern.strip(), [pattern])
-    return TASKS.match(patterns)
-
-
 def data_context(suite: Suite, sample: int) -> DataContext:
     """The same context ``harness run`` gives a task's check, plus the deep-check sample size."""
-    from harness.train import TrialEnv
+    from harness.inputs import suite_data_context
 
-    env = TrialEnv(cache_dir=cache_dir(), data_root=suite.data_root, progress=False)
-    ctx = env.data_context({"data": {k: v for k, v in suite.data.items() if k != "root"}})
+    ctx = suite_data_context(suite, cache_dir())
     ctx.settings["deep_sample"] = sample
     return ctx
 
@@ -96,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     if args.sample < 0:
         raise HarnessError(f"--sample expects 0 (all) or a positive number, got {args.sample}")
     suite = load_suite(args.suite, data_root=args.data_root, sets=parse_set(args.set))
-    names = task_names(suite, args.tasks)
+    names = select_tasks(suite, args.tasks)
     ctx = data_context(suite, args.sample)
     dirty = total = 0
     for name in names:

@@ -1,4 +1,5 @@
-"""``harness ls``: the registered methods, tasks and suites (fnmatch wildcards).
+"""``harness ls``: the registered methods, tasks and suites (fnmatch wildcards). ``harness ls suites --schema``
+prints the suite-file schema instead: every section and key, with its type and meaning.
 
 With ``--backbone``, ``ls methods`` also builds every listed method on that timm backbone with random weights
 (nothing is downloaded, pre-tuned checkpoints are not resolved) and prints its parameter counts and forward GFLOPs
@@ -24,6 +25,7 @@ examples:
   harness ls methods 'toast*'
   harness ls tasks 'demo-*'
   harness ls suites
+  harness ls suites --schema    # every section and key of a suite file, with types and meanings
   harness ls methods --backbone vit_base_patch16_224                  # + parameter counts and GFLOPs
   harness ls methods --backbone vit_base_patch16_224 --num-classes 200 --set prompt_length=100
   harness ls methods 'vpt*' --backbone vit_base_patch16_224 --task vtab-cifar   # the task's defaults
@@ -35,6 +37,8 @@ def add_parser(sub) -> None:
                             formatter_class=formatter)
     parser.add_argument("what", nargs="?", default="all", choices=("all", "methods", "tasks", "suites"))
     parser.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on names (default: *)")
+    parser.add_argument("--schema", action="store_true",
+                        help="with 'suites': print the suite-file schema (sections, keys, types, meanings)")
     cost = parser.add_argument_group("methods: cost on a reference backbone (random weights, no download)")
     cost.add_argument("--backbone", help="timm model name, e.g. vit_base_patch16_224: adds parameter counts")
     cost.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default: 100)")
@@ -54,12 +58,15 @@ def list_methods(pattern: str, args: argparse.Namespace | None = None) -> str:
     backbone = getattr(args, "backbone", None)
     rows = []
     for name in _pick(METHODS.names(), pattern):
-        m = METHODS.get(name)
-        row: dict[str, Any] = {"method": name, "family": m.family, "optimizer": m.optimizer,
-                               "needs": ", ".join(m.needs) or "-"}
+        # the listing reads each method's declared facts from its source (no torch import); only the cost
+        # columns build the method
+        facts = METHODS.static(name)
+        row: dict[str, Any] = {"method": name, "family": facts.get("family", ""),
+                               "optimizer": facts.get("optimizer", "sgd"),
+                               "needs": ", ".join(facts.get("needs", ())) or "-"}
         if backbone:
-            row.update(_cost_row(m, args))
-        row["description"] = m.description
+            row.update(_cost_row(METHODS.get(name), args))
+        row["description"] = facts.get("description", "")
         rows.append(row)
     text = tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True)
     if backbone:
@@ -122,6 +129,13 @@ def list_suites(pattern: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "schema", False):
+        if args.what != "suites":
+            raise HarnessError("--schema goes with 'harness ls suites'")
+        from harness.schema import describe
+
+        print(describe())
+        return 0
     if getattr(args, "backbone", None):
         if args.what != "methods":
             raise HarnessError("--backbone goes with 'harness ls methods'")

@@ -1,9 +1,11 @@
-"""``harness pretune``: TOAST's pre-tuning stage. The backbone is frozen; the top-down module (task embedding, channel
-transform, feedback path) trains on the upstream data named in the suite's ``pretune:`` section, with cross-entropy
-plus the variational loss. Writes a checkpoint (official TOAST key names) with a JSON provenance sidecar.
+"""``harness pretune``: run the preparation stage a method declares (its ``needs``: artifacts made once per suite and
+reused by every trial, e.g. a top-down module pre-tuned on upstream data with the backbone frozen).
 
-Without ``--output`` the checkpoint goes to the cache path that the suite's TOAST trials look up, so ``harness run``
-finds it with no further step. With ``--output``, point the suite's ``pretune.checkpoint`` at the file.
+For each selected method, each artifact it needs is asked for with ``make=True``: the method's provider runs the
+stage now (configured by the suite sections the method reads, on the inputs the suite's trials see: image size and
+normalisation) and prints its own summary. Without ``--output`` the result goes where the suite's trials look for it,
+so ``harness run`` finds it with no further step; with ``--output``, the provider says how to point the suite at it.
+An existing result is kept unless ``--force``.
 """
 
 from __future__ import annotations
@@ -16,21 +18,24 @@ from harness.errors import HarnessError
 
 EXAMPLES = """\
 examples:
-  harness pretune --suite demo                                 # what the demo does by itself on first use
+  harness pretune --suite demo                          # every stage the suite's methods need (the demo also
+                                                        # does this by itself on first use)
   harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train
-  harness pretune --suite fgvc --method toast-late             # the late-feedback variant's own module
-  harness pretune --suite demo --output toast-demo.pt --set pretune.epochs=1
+  harness pretune --suite fgvc --method NAME            # one method's stage (NAME: harness ls methods)
+  harness pretune --suite demo --method NAME --output stage.pt --set pretune.epochs=1
 """
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("pretune", help="pre-tune TOAST's top-down module (frozen backbone) for a suite",
+    parser = sub.add_parser("pretune", help="run the preparation stage a method needs (e.g. pre-tuning) for a suite",
                             description=__doc__, epilog=EXAMPLES, formatter_class=formatter)
     parser.add_argument("--suite", default="demo", help="suite name (sweeps/<suite>.yaml) or a suite file path")
-    parser.add_argument("--method", default="toast",
-                        help="which TOAST architecture (toast-early/toast-late have their own feedback span)")
-    parser.add_argument("--output", type=Path, help="checkpoint path (default: the cache path trials look up)")
-    parser.add_argument("--force", action="store_true", help="pre-tune again even if the checkpoint exists")
+    parser.add_argument("--method",
+                        help="comma list of methods, wildcards allowed (default: the suite's methods that need a "
+                             "stage); methods sharing a stage share its result")
+    parser.add_argument("--output", type=Path, help="where to write the result (one method and artifact only; "
+                                                    "default: the path the suite's trials look up)")
+    parser.add_argument("--force", action="store_true", help="run the stage again even if its result exists")
     parser.add_argument("--backbone", help="timm model name (as for harness run)")
     parser.add_argument("--weights", help="backbone weights (as for harness run)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -41,43 +46,41 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from harness.api import ARTIFACTS, ArtifactRequest
+    from harness.api import METHODS
+    from harness.inputs import artifact_resolver, suite_data_context
     from harness.sweep import load_suite, parse_set
-    from methods.toast import pretune_architecture
-    from methods.toast_pretune import cache_key, default_path, run_pretune, section_of, toast_method
 
     suite = load_suite(args.suite, backbone=args.backbone, weights=args.weights, data_root=args.data_root,
                        sets=parse_set(args.set))
-    if suite.raw.get("pretune") is None:
-        raise HarnessError(f"{suite.path}: no 'pretune' section; add one, e.g. pretune: {{task: demo-upstream, "
-                           "split: train}} or pretune: {image_folder: ~/data/imagenet/train}")
-    cfg = section_of(suite.raw["pretune"])
-    method = toast_method(args.method)
-    if not method.pretuned:
-        raise HarnessError(f"method {args.method} starts from a random top-down module; nothing to pre-tune")
-    data = {k: v for k, v in suite.data.items() if k != "root"}
-    image_size = int(data.get("image_size", 224))
-    cache = cache_dir()
-    key = cache_key(suite.backbone, cfg, pretune_architecture(method), image_size)
-    output = args.output or default_path(cache, key)
-    if output.exists() and not args.force:
-        print(f"already pre-tuned: {output} (--force to redo)")
-        return 0
-
-    def resolve(name: str) -> Path:
-        return Path(ARTIFACTS.get(name)(ArtifactRequest(name=name, suite=suite.name, cache_dir=cache,
-                                                        backbone=suite.backbone, data_root=suite.data_root)))
-
-    meta = run_pretune(suite.backbone, cfg, args.method, output, cache_dir=cache, data_root=suite.data_root,
-                       data=data, resolve=resolve, progress=not args.no_progress)
-    last = meta["epochs"][-1] if meta["epochs"] else {}
-    print(f"pre-tuned {args.method}'s top-down module in {meta['seconds']:.1f} s on {meta['data']['images']} images: "
-          f"last epoch ce {last.get('ce', float('nan')):.3f}, var {last.get('var', float('nan')):.4f}, "
-          f"train acc {100 * last.get('acc', float('nan')):.1f}%"
-          + (f" (bottom-up first pass, same head: {100 * last['acc_first']:.1f}%)" if "acc_first" in last else ""))
-    print(f"wrote {output} (+ {output.with_suffix('.json').name})")
-    if args.output:
-        print(f"use it with: pretune.checkpoint: {output}  (in {suite.path}, or --set pretune.checkpoint={output})")
+    staged = [name for name in METHODS.match(suite.methods) if METHODS.get(name).needs]
+    if args.method:
+        names = METHODS.match(args.method)
+        for name in names:
+            if not METHODS.get(name).needs:
+                raise HarnessError(f"method {name} has no stage to prepare (it declares no needed artifacts); "
+                                   f"methods of suite '{suite.name}' that do: {', '.join(staged) or 'none'}")
     else:
-        print(f"harness run --suite {args.suite} finds it automatically")
+        names = staged
+        if not names:
+            raise HarnessError(f"no method of suite '{suite.name}' ({', '.join(suite.methods)}) has a stage to "
+                               "prepare; name one with --method")
+    jobs = [(name, need) for name in names for need in METHODS.get(name).needs]
+    if args.output and len(jobs) > 1:
+        raise HarnessError(f"--output names one file, but {len(jobs)} artifacts would be made "
+                           f"({', '.join(f'{need} for {name}' for name, need in jobs)}); pick one with --method")
+    if args.force and len(names) > 1:
+        raise HarnessError(f"--force with several methods ({', '.join(names)}) would redo a stage they share once "
+                           "per method; pick one with --method")
+    cache = cache_dir()
+    data = suite_data_context(suite, cache)
+    for name in names:
+        method = METHODS.get(name)
+        resolve = artifact_resolver(
+            suite=suite.name, backbone=suite.backbone, cache_dir=cache, method=name,
+            sections={section: suite.raw.get(section) for section in method.suite_sections}, data=data,
+            overrides=suite.overrides, data_root=suite.data_root,
+            make=True, force=args.force, output=args.output, progress=not args.no_progress)
+        for need in method.needs:
+            path = resolve(need)
+            print(f"{name}: {need} -> {path}")
     return 0

@@ -1,16 +1,22 @@
-"""``harness run``: plan the grid, then run (or submit) what is missing, then print the table."""
+"""``harness run``: plan the grid, check everything that can be checked before the first trial, then run (or
+submit) what is missing, then print the table.
+
+Exit status: 0 every planned trial has a record and every cell has its final trials; 1 some trials failed or a
+cell could not finish (e.g. every search trial diverged, so there is no winner to retrain); 2 usage or data errors
+(unknown names, a bad suite file, missing data, weights or pre-tuned checkpoints), found before anything runs.
+With ``--executor slurm`` the jobs are submitted and the status is 0 once they are: follow with ``harness status``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from harness.api import TASKS
+from harness.api import METHODS, TASKS
 from harness.commands import add_suite_args, cache_dir, formatter, store_from_args, suite_from_args
 from harness.errors import HarnessError
-from harness.plan import plan_cells, planned_trial_count, select_names
-from harness.runner import cell_status
-from harness.train import TrialEnv
+from harness.plan import (Cell, cell_state, final_specs, fixed_hparams, plan_cells, planned_trial_count,
+                          search_specs, select_names)
 
 EXAMPLES = """\
 examples:
@@ -64,26 +70,44 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
 def plan_summary(suite, cells, store) -> tuple[list[dict], int]:
     rows, pending = [], 0
     for cell in cells:
-        counts = cell_status(suite, cell, store)
+        state = cell_state(suite, cell, store, stale=False)
         n_search, n_final = planned_trial_count(suite, cell)
+        counts = state.counts
         rows.append({"cell": cell.key, "search": n_search, "final": n_final, **counts})
         pending += counts["pending"] + counts["failed"]
     return rows, pending
 
 
+def describe_inputs(suite, env) -> str:
+    """One line: the backbone, its weights and the input normalisation trials will use."""
+    from harness.inputs import suite_data_context
+
+    ctx = suite_data_context(suite, env.cache_dir)
+    backbone = suite.backbone
+    mode = suite.data.get("normalize", "backbone")
+    stats = f"mean {_fmt(ctx.mean)} std {_fmt(ctx.std)}"
+    return (f"backbone {backbone['name']} (weights: {backbone.get('weights', 'timm')}); inputs {ctx.image_size}px, "
+            f"normalize: {mode} ({stats})")
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
 def main(args: argparse.Namespace) -> int:
-    from harness.executors import EXECUTORS
     from harness.errors import did_you_mean
+    from harness.executors import EXECUTORS
+    from harness.train import TrialEnv
 
     if args.executor not in EXECUTORS:
         raise HarnessError(f"unknown executor '{args.executor}'{did_you_mean(args.executor, EXECUTORS)}")
     suite = suite_from_args(args)
     method_names, task_names = select_names(suite, args.methods, args.tasks)
     store = store_from_args(args)
-    env = TrialEnv(cache_dir=cache_dir(), data_root=suite.data_root, progress=not args.no_progress,
-                   keep_weights=args.keep_weights, results_root=store.root)
-    _preflight(suite, task_names, env)
+    env = TrialEnv(cache_dir=cache_dir(), data_root=suite.data_root, data_roots=dict(suite.data.get("roots") or {}),
+                   progress=not args.no_progress, keep_weights=args.keep_weights, results_root=store.root)
     cells = plan_cells(method_names, task_names)
+    preflight(suite, cells, env, resolve_artifacts=not args.dry_run)
     rows, pending = plan_summary(suite, cells, store)
     for problem in store.problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -96,28 +120,64 @@ def main(args: argparse.Namespace) -> int:
     if suite.overrides:
         header += f"; overrides {suite.overrides}"
     print(header)
+    print(describe_inputs(suite, env))
     if args.dry_run:
         print(tabulate(rows, headers="keys", tablefmt="simple"))
         return 0
+    executor = EXECUTORS[args.executor]
     if pending == 0:
         print(f"all {total} trials are done; nothing to run")
-        code = 0
     else:
-        code = EXECUTORS[args.executor](suite, cells, store, env, args, total_pending=pending)
-    if not args.no_table and not getattr(EXECUTORS[args.executor], "returns_before_done", False):
+        code = executor(suite, cells, store, env, args, total_pending=pending)
+        if getattr(executor, "returns_before_done", False):
+            return code
+    if not args.no_table:
         from harness.table import build_table
 
         print()
         print(build_table(suite, store, methods=method_names, tasks=task_names))
-    return code
+    return exit_code(suite, cells, store)
 
 
-def _preflight(suite, task_names: list[str], env: TrialEnv) -> None:
-    """Cheap data checks before anything runs: refuse with the same messages as ``harness data check``."""
+def exit_code(suite, cells: list[Cell], store) -> int:
+    """0 when every cell has all its final trials; else 1, saying which cells did not finish and why."""
+    unfinished = []
+    for cell in cells:
+        state = cell_state(suite, cell, store, stale=False)
+        if state.failed_records:
+            unfinished.append(f"{cell.key}: {len(state.failed_records)} failed trial(s) (rerun to retry)")
+        elif not state.complete:
+            unfinished.append(f"{cell.key}: {state.blocked or 'final trials missing'}")
+    for line in unfinished:
+        print(f"not finished: {line}", file=sys.stderr)
+    return 1 if unfinished else 0
+
+
+def preflight(suite, cells: list[Cell], env, resolve_artifacts: bool = True) -> None:
+    """Everything that can be known before the first trial, checked before it, so a run never stops halfway on
+    a problem it could have named at the start: the data (the cheap part of ``harness data check``), the backbone
+    name and weights file, and every artifact a selected method needs (e.g. TOAST's pre-tuned checkpoint; an
+    artifact the suite makes by itself, such as the demo backbone, is made now)."""
+    from harness.inputs import check_backbone_spec, suite_data_context
+
+    check_backbone_spec(suite.backbone)
+    ctx = suite_data_context(suite, env.cache_dir)
     problems: list[str] = []
-    for name in task_names:
-        task = TASKS.get(name)
-        ctx = env.data_context({"data": {k: v for k, v in suite.data.items() if k != "root"}})
-        problems += task.check(ctx, deep=False)
+    for name in dict.fromkeys(c.task for c in cells):
+        problems += TASKS.get(name).check(ctx, deep=False)
     if problems:
         raise HarnessError("the data is not ready:\n  " + "\n  ".join(problems))
+    if not resolve_artifacts:
+        return
+    checked: set[str] = set()
+    for cell in cells:
+        method = METHODS.get(cell.method)
+        weights = str(suite.backbone.get("weights") or "")
+        names = list(method.needs) + ([weights.split(":", 1)[1]] if weights.startswith("artifact:") else [])
+        if not names or cell.method in checked:
+            continue
+        checked.add(cell.method)
+        specs = search_specs(suite, cell) or final_specs(suite, cell, fixed_hparams(suite, cell))
+        resolve = env.resolver(specs[0])
+        for name in names:
+            resolve(name)

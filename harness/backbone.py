@@ -135,3 +135,32 @@ def file_fingerprint(path: str | Path) -> str:
                 digest.update(block)
         _FINGERPRINTS[key] = digest.hexdigest()[:16]
     return _FINGERPRINTS[key]
+
+
+NORMALIZE_MODES = ("backbone", "imagenet", "inception")
+
+
+def input_normalization(spec: dict[str, Any], mode: str = "backbone") -> tuple[tuple, tuple, str]:
+    """(mean, std, where they come from) for a backbone spec under ``data.normalize`` (docs/protocol.md §2.2).
+
+    ``backbone`` reads the statistics the checkpoint was trained with from timm's pretrained config of the model
+    name (and tag), without building the model or downloading anything: ``vit_base_patch16_224.augreg_in1k`` was
+    trained on 0.5/0.5 inputs, DeiT on ImageNet's. ``imagenet`` and ``inception`` force those statistics."""
+    from harness.api import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
+
+    if mode == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD, "imagenet (data.normalize)"
+    if mode == "inception":
+        return INCEPTION_MEAN, INCEPTION_STD, "inception (data.normalize)"
+    if mode != "backbone":
+        raise HarnessError(f"data.normalize: expected one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
+    from timm.models import get_pretrained_cfg
+
+    name = str(spec["name"])
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name or tag is reported where the backbone is built
+        cfg = None
+    if cfg is None or not getattr(cfg, "mean", None):
+        return IMAGENET_MEAN, IMAGENET_STD, f"imagenet (timm has no pretrained config for {name})"
+    return tuple(cfg.mean), tuple(cfg.std), f"backbone ({name}'s timm config)"

@@ -1,0 +1,212 @@
+"""The one training loop. Every training in the harness goes through :func:`fit`: a trial (harness/train.py),
+TOAST's pre-tuning stage and the demo backbone's pre-training (through ``harness.api.fit``). So mixed precision,
+seeding, progress, checkpoint/resume and divergence handling exist once.
+
+What differs between those is passed in:
+
+* ``objective(model, images, labels) -> (loss, logs)``: the loss to minimise and per-step numbers to average
+  (cross-entropy; TOAST's CE + variational loss);
+* ``lr_factor(i)``: the learning-rate multiplier at epoch ``i`` (``per_step=False``) or optimiser step ``i``
+  (``per_step=True``), applied through ``LambdaLR``;
+* ``evaluate(model) -> dict``: numbers recorded after each epoch (a trial's validation/test metric);
+* ``checkpoint``: where the resumable state goes (trainable weights, optimiser, schedule, RNG, history);
+  the run resumes from it when it exists and it is removed when the run ends.
+
+A non-finite loss stops the run with ``status="diverged"``; the caller decides what that means (a trial records it,
+pre-tuning refuses to write a checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def pick_device() -> str:
+    """``$HARNESS_DEVICE`` if set, else CUDA when present, else the CPU."""
+    override = os.environ.get("HARNESS_DEVICE")
+    if override:
+        return override
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def warmup_cosine(i: int, warmup: int, total: int) -> float:
+    """The lr factor at 0-based epoch (or step) ``i``: linear from 0 over ``warmup``, then cosine down to 0
+    (VPT's WarmupCosineSchedule: the factor is 0 in the first epoch when there is warmup)."""
+    if i < warmup:
+        return i / max(1, warmup)
+    progress = (i - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_for(device: str, amp: bool = True):
+    """bf16 autocast on CUDA (when ``amp``), nothing on the CPU."""
+    if amp and str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> Objective:
+    """The classification objective: cross-entropy of ``model(images)`` (and the batch accuracy as a log)."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        logits = model(images).float()
+        loss = criterion(logits, labels)
+        return loss, {}
+
+    return objective
+
+
+@dataclass
+class FitResult:
+    status: str  # "ok" or "diverged"
+    #: one entry per epoch: epoch (1-based), train_loss, lr, the objective's logs (means), evaluate()'s numbers
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_images: int = 0
+    train_seconds: float = 0.0
+    memory: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int = 0  # the epoch a checkpoint resumed from (0: started fresh)
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.train_images / self.train_seconds if self.train_seconds else None
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    objective: Objective | None = None,
+    lr_factor: Callable[[int], float] = lambda i: 1.0,
+    per_step: bool = False,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    device: str = "cpu",
+    amp: bool = True,
+    generator: torch.Generator | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 1,
+    progress: str | None = None,
+) -> FitResult:
+    """Train ``model`` (already on ``device``) for ``epochs`` over ``loader``; see the module docstring."""
+    from harness.cost import PeakMemory
+
+    objective = objective or cross_entropy()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    result = FitResult(status="ok")
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        start, result.history = _load_checkpoint(checkpoint, model, optimizer, scheduler, generator)
+        result.resumed_from = start
+    epoch_iter: Any = range(start, epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(epoch_iter, desc=progress, leave=False, unit="ep", dynamic_ncols=True,
+                   initial=start, total=epochs)
+        epoch_iter = bar
+    try:
+        with PeakMemory(device) as memory:
+            for epoch in epoch_iter:
+                model.train()
+                t0 = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]
+                total_loss, seen, sums = 0.0, 0, {}
+                for images, labels in loader:
+                    images = images.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    with autocast_for(device, amp):
+                        loss, logs = objective(model, images, labels)
+                    if not torch.isfinite(loss):
+                        result.status = "diverged"
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if per_step:
+                        scheduler.step()
+                    n = images.shape[0]
+                    total_loss += loss.item() * n
+                    seen += n
+                    for key, value in logs.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * n
+                    memory.sample()
+                result.train_seconds += time.perf_counter() - t0
+                result.train_images += seen
+                entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+                if result.status == "diverged":
+                    entry["train_loss"] = float("nan")
+                    result.history.append(entry)
+                    break
+                entry["train_loss"] = total_loss / max(1, seen)
+                entry.update({k: v / max(1, seen) for k, v in sums.items()})
+                if evaluate is not None:
+                    entry.update(evaluate(model))
+                result.history.append(entry)
+                if not per_step:
+                    scheduler.step()
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k not in ("epoch", "lr")})
+                if checkpoint is not None and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < epochs:
+                    _save_checkpoint(checkpoint, epoch + 1, result.history, model, optimizer, scheduler, generator)
+        result.memory = memory.result()
+    finally:
+        if bar is not None:
+            bar.close()
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    return result
+
+
+def _save_checkpoint(path: Path, epoch: int, history: list, model: nn.Module, optimizer, scheduler,
+                     generator: torch.Generator | None) -> None:
+    """Only tensors and plain types, so the file loads with ``weights_only=True``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {"epoch": epoch, "history": history, "model": trainable_state(model),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
+                     generator: torch.Generator | None) -> tuple[int, list]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), list(state["history"])

@@ -1,0 +1,81 @@
+"""The import rules, read from the source with ``ast`` (a plug-in that reaches into the engine fails here):
+
+* the engine (``harness/``) never imports ``methods`` or ``tasks`` (only the registry's lazy index names them, as
+  strings);
+* plug-ins (``methods/``, ``tasks/``) import from the engine only ``harness.api`` and ``harness.errors``;
+* nothing outside ``harness/commands/`` imports a command module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_MAY_IMPORT = {"harness", "harness.api", "harness.errors"}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every import in a file, with relative imports resolved against its package."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names
+                      if base in ("harness", "harness.commands")]
+    return found
+
+
+def sources(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def violations(folder: str, bad) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{line}: imports {module}"
+            for path in sources(folder) for line, module in imported_modules(path) if bad(path, module)]
+
+
+def test_the_engine_never_imports_a_plug_in():
+    def bad(path: Path, module: str) -> bool:
+        return module.split(".")[0] in ("methods", "tasks")
+
+    assert violations("harness", bad) == []
+
+
+@pytest.mark.parametrize("folder", ["methods", "tasks"])
+def test_plug_ins_import_only_the_api_and_errors_from_the_engine(folder):
+    def bad(path: Path, module: str) -> bool:
+        return module.split(".")[0] == "harness" and module not in PLUGIN_MAY_IMPORT
+
+    assert violations(folder, bad) == []
+
+
+@pytest.mark.parametrize("folder", ["harness", "methods", "tasks"])
+def test_only_commands_import_command_modules(folder):
+    def bad(path: Path, module: str) -> bool:
+        inside = (ROOT / "harness" / "commands") in path.parents
+        return module.startswith("harness.commands.") and not inside
+
+    assert violations(folder, bad) == []
+
+
+def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
+    """The checker itself works: a plug-in importing the training loop's module is reported with its line."""
+    fake = ROOT / "methods" / "_import_rule_probe.py"
+    fake.write_text("from harness.api import Method\n\nfrom harness.train import run_trial\n")
+    try:
+        found = violations("methods", lambda p, m: m.split(".")[0] == "harness" and m not in PLUGIN_MAY_IMPORT)
+    finally:
+        fake.unlink()
+    assert [line for line in found if "_import_rule_probe" in line] == [
+        "methods/_import_rule_probe.py:3: imports harness.train"]
