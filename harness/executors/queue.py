@@ -136,6 +136,9 @@ def job_views(entries: list[dict[str, Any]], finished: bool = True) -> dict[str,
 
         if e["executor"] == "slurm":
             state = states.get(e["job_id"]) or outcome() or "UNKNOWN"
+            if e["job_id"] not in alive and state not in ENDED_STATES:
+                # out of squeue but sacct still says RUNNING: accounting lags the end by a few seconds
+                state = outcome() or state
             views[e["token"]] = JobView(e, state, e["job_id"] in alive)
         else:
             running = _pid_alive(e["job_id"])
