@@ -86,7 +86,7 @@ class Method(abc.ABC):
     family: str = ""
     description: str = ""
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw" (betas 0.9/0.999, eps 1e-6)
-    warmup_epochs: int = 10  # the official code's per-method warmup (PROTOCOL.md §3.1)
+    warmup_epochs: int = 10  # the official code's per-method warmup (docs/protocol.md §5.3)
     #: default search grid: axes are lists (base learning rate and weight decay at least)
     grid: dict[str, list] = {}
     #: fixed hyperparameters with their defaults (e.g. VPT's prompt length); a sweep may override them

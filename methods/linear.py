@@ -11,7 +11,7 @@ class LinearProbe(Method):
     description = "frozen backbone, trainable linear head on the CLS token"
     optimizer = "sgd"
     warmup_epochs = 10
-    # PROTOCOL.md §3.2 (VPT tune_vtab.py / tune_fgvc.py)
+    # docs/protocol.md §5.5 (VPT tune_vtab.py / tune_fgvc.py)
     grid = {"lr": [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
     defaults = {"frozen_eval": True}
     hparam_keys = ("drop_path",)

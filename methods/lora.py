@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021) through peft on a frozen timm backbone, as the TOAST paper's baseline (PROTOCOL.md §1.3).
+"""LoRA (Hu et al. 2021) through peft on a frozen timm backbone, as the TOAST paper's baseline
+(docs/protocol.md §4.2).
 
 Default: one rank-4 adapter on the fused ``attn.qkv`` Linear of every block (the TOAST repo replaces each ``qkv``
 with ``loralib.Linear(d, 3d, r=4)``), with ``lora_alpha=1`` so that peft's scaling alpha/r = 0.25 equals loralib's
@@ -60,7 +61,7 @@ class LoRA(Method):
     description = "frozen backbone; peft LoRA (rank 4, scaling 0.25) on every block's fused qkv + linear head"
     optimizer = "sgd"
     warmup_epochs = 10
-    # PROTOCOL.md §3.2 (TOAST tune_vtab.py --grid-search-type lora)
+    # docs/protocol.md §5.5 (TOAST tune_vtab.py --grid-search-type lora)
     grid = {"lr": [1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
     defaults = {"rank": 4, "alpha": 1.0, "target_modules": ["qkv"], "dropout": 0.0, "frozen_eval": True}
     hparam_keys = ("drop_path",)

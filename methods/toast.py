@@ -1,4 +1,4 @@
-"""TOAST: top-down attention steering around a frozen timm ViT (paper §3, §4.5, §4.6, §5; PROTOCOL.md §1).
+"""TOAST: top-down attention steering around a frozen timm ViT (paper §3, §4.5, §4.6, §5; docs/protocol.md §3).
 
 The model wraps timm's ``VisionTransformer`` and reuses its patch embedding, position embedding, blocks and final
 norm; nothing of the ViT is copied. A forward pass has four steps:
@@ -41,7 +41,8 @@ Settings (hyperparameters with defaults; a sweep may override them):
 Checkpoints (:func:`read_checkpoint`): the harness's own pre-tuned files (``{"model": ..., "harness": metadata}``),
 the official pre-tuned ones (DeiT/AbSViT style ``{"model": ..., "args": argparse.Namespace, ...}`` or a plain state
 dict) and the official trainer's per-task files (``{"model_state_dict": ...}`` with ``enc.`` and ``head.last_layer.``
-prefixes; tuned on one downstream task and, in TOAST's final runs, saved at the best *test* epoch: PROTOCOL.md §3.3).
+prefixes; tuned on one downstream task and, in TOAST's final runs, saved at the best *test* epoch: docs/protocol.md
+§3.6, §6.1).
 They are read with ``torch.load(weights_only=True)``; the only class allowed besides tensors and plain containers is
 ``argparse.Namespace`` (what the official files pickle). Anything else is refused with the type's name, never loaded
 with ``weights_only=False``: a pickle from anywhere can run code.
@@ -68,7 +69,7 @@ from harness.api import BuildContext, Method
 from harness.errors import HarnessError
 from methods.common import freeze, make_head
 
-#: PROTOCOL.md §3.2: TOAST's ``tune_vtab.py --grid-search-type topdown``
+#: docs/protocol.md §5.5: TOAST's ``tune_vtab.py --grid-search-type topdown``
 TOAST_GRID = {"lr": [1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
 #: the top-down module's parameter names, as in the official checkpoints
 TOP_DOWN_KEYS = ("prompt", "top_down_transform", "decoders.")
@@ -219,7 +220,7 @@ class TopDownViT(nn.Module):
         return top @ self.top_down_transform, similarity
 
     def feedback(self, selected: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Top-down signals per block, from the top feedback layer down (PROTOCOL.md §1.1 step 3)."""
+        """Top-down signals per block, from the top feedback layer down (docs/protocol.md §3.4)."""
         td: dict[int, torch.Tensor] = {}
         z = selected
         for l in reversed(self.feedback_layers):
@@ -315,7 +316,7 @@ ORIGINS = {
     "official-task": "an official TOAST per-task checkpoint (model_state_dict: tuned on a downstream task)",
 }
 #: settings a checkpoint's weights only make sense with, and their value in official files: the official code adds
-#: the V bias twice (``qkv(td)`` with its bias; PROTOCOL.md §1.1 step 4)
+#: the V bias twice (``qkv(td)`` with its bias; docs/protocol.md §3.6)
 OFFICIAL_SETTINGS: dict[str, Any] = {"v_bias_twice": True}
 
 
@@ -578,7 +579,7 @@ class ToastMethod(Method):
 
 
 class ToastLite(ToastMethod):
-    """TOAST-Lite (paper §4.5, PROTOCOL.md §1.5): rank-4 LoRA on every feedback linear; the pre-tuned feedback
+    """TOAST-Lite (paper §4.5, docs/protocol.md §3.9): rank-4 LoRA on every feedback linear; the pre-tuned feedback
     weights stay frozen; xi, P and the head train."""
 
     description = "TOAST with rank-4 LoRA (peft) on the feedback path; xi, P and the head train"

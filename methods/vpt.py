@@ -1,4 +1,4 @@
-"""Visual Prompt Tuning (Jia et al. 2022), deep and shallow, on timm ViTs (PROTOCOL.md §2).
+"""Visual Prompt Tuning (Jia et al. 2022), deep and shallow, on timm ViTs (docs/protocol.md §4.1).
 
 The ViT is not copied: :class:`PromptedViT` calls the timm model's own ``patch_embed``, ``_pos_embed``,
 ``patch_drop``, ``norm_pre``, ``blocks`` and ``norm`` and inserts the prompt tokens itself, as official VPT's
@@ -14,13 +14,10 @@ The ViT is not copied: :class:`PromptedViT` calls the timm model's own ``patch_e
 * The backbone is frozen and kept in eval mode while training (official VPT); ``frozen_eval: false`` leaves
   dropout/drop-path of the frozen backbone on, as the TOAST repo's VPT baseline does.
 
-Prompt length: ``prompt_length`` hyperparameter. Per-task defaults for the 19 VTAB-1k tasks come from PROTOCOL.md §2
-(a reimplementation's VPT-deep table, consistent with VPT's demo.ipynb); the same table is used for shallow, since
-VPT's own per-task shallow lengths are only in an external sheet. Task names are matched on their folder name
-(``vtab-cifar``, ``vtab_cifar``, ``cifar`` with family ``vtab``; common aliases such as ``cifar100`` or ``pets``).
-FGVC tasks default to 100 (the TOAST repo's ``cub.yaml``; also what makes the paper's "VPT 0.9M" on ViT-B: 12 x 100
-x 768 = 0.92M). Anything else defaults to 10. A suite overrides it with ``settings: {vpt-deep: {prompt_length: 4}}``
-(or per task under ``per_task``).
+Prompt length: ``prompt_length`` hyperparameter. Per-task defaults for the 19 VTAB-1k tasks come from
+docs/protocol.md §4.1 (a reimplementation's VPT-deep table, consistent with VPT's demo.ipynb); the same table is used
+for shallow, since VPT's own per-task shallow lengths are only in an external sheet. A registered VTAB task
+(``vtab-<folder>``) gets its folder's length; FGVC tasks 100; others 10.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from harness.api import BuildContext, Method, Task
 from harness.errors import HarnessError
 from methods.common import feature_dim, freeze, make_head
 
-#: VPT-deep prompt lengths on VTAB-1k, keyed by the VTAB-1k folder name (PROTOCOL.md §2 and §4b)
+#: VPT-deep prompt lengths on VTAB-1k, keyed by the VTAB-1k folder name (docs/protocol.md §4.1)
 VTAB_PROMPT_LENGTH: dict[str, int] = {
     "cifar": 10, "caltech101": 10, "dtd": 10, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 50,
     "sun397": 5,
@@ -136,7 +133,7 @@ class _VPT(Method):
     family = "prompt"
     optimizer = "sgd"
     warmup_epochs = 10
-    # PROTOCOL.md §3.2 (VPT and TOAST tune_vtab.py); base lrs, scaled by batch/256 where the suite says so
+    # docs/protocol.md §5.5 (VPT and TOAST tune_vtab.py); base lrs, scaled by batch/256 where the suite says so
     grid = {"lr": [5, 2.5, 1, 50, 25, 10, 0.5, 0.25, 0.1, 0.05], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
     deep: bool = True
     defaults: dict[str, Any] = {}

@@ -13,7 +13,7 @@ Two levels of check:
   and matches only with a 1000-class ImageNet head (86.6M; 85.9M with our head): +-1.5M (0.5M rounding + 0.77M
   ImageNet head - 0.08M + slack), i.e. the brief's "86-87M".
 
-VPT at "the paper's prompt length": the TOAST repo's VTAB and CUB configs use 100 deep tokens (PROTOCOL.md §2),
+VPT at "the paper's prompt length": the TOAST repo's VTAB and CUB configs use 100 deep tokens (docs/protocol.md §4.1),
 12 x 100 x 768 = 0.92M.
 """
 

@@ -31,7 +31,7 @@ def test_grid_is_the_product_of_axes_with_fixed_settings(make_suite):
 
 def test_method_default_grid_is_used_when_the_suite_has_none(make_suite):
     suite = load_suite(str(make_suite(grids=None)))
-    assert len(search_specs(suite, Cell("linear", "demo-digits"))) == 10 * 4  # PROTOCOL.md §3.2
+    assert len(search_specs(suite, Cell("linear", "demo-digits"))) == 10 * 4  # docs/protocol.md §5.5
 
 
 def test_ids_are_stable_and_content_addressed(make_suite):
