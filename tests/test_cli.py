@@ -142,10 +142,12 @@ def test_a_missing_toast_checkpoint_stops_the_run_before_the_linear_cells(make_s
 def test_a_cell_whose_search_all_diverged_makes_the_run_exit_1(make_suite, tmp_path, capsys):
     suite = make_suite(methods=["finetune"], tasks=["demo-digits"],
                        grids={"finetune": {"lr": [1.0e30], "weight_decay": [0.0]}})
-    code = main(["run", "--suite", str(suite), "--results", str(tmp_path / "results"), "--no-progress"])
-    captured = capsys.readouterr()
-    assert code == 1
-    assert "not finished: finetune/demo-digits: no search trial finished (all diverged)" in captured.err
+    argv = ["run", "--suite", str(suite), "--results", str(tmp_path / "results"), "--no-progress", "--no-table"]
+    dead_end = "no result: finetune/demo-digits: no search trial finished (all diverged); final trials not run"
+    assert main(argv) == 1
+    assert capsys.readouterr().out.count(dead_end) == 1
+    assert main(argv) == 1  # still not finished on a second run: said again, once
+    assert capsys.readouterr().out.count(dead_end) == 1
 
 
 def test_data_loader_workers_are_capped_at_usable_cpus():

@@ -125,7 +125,8 @@ def main(args: argparse.Namespace) -> int:
         print(tabulate(rows, headers="keys", tablefmt="simple"))
         return 0
     executor = EXECUTORS[args.executor]
-    if pending == 0:
+    ran = pending > 0
+    if not ran:
         print(f"all {total} trials are done; nothing to run")
     else:
         code = executor(suite, cells, store, env, args, total_pending=pending)
@@ -136,21 +137,19 @@ def main(args: argparse.Namespace) -> int:
 
         print()
         print(build_table(suite, store, methods=method_names, tasks=task_names))
-    return exit_code(suite, cells, store)
+    return exit_code(suite, cells, store, report=not ran)
 
 
-def exit_code(suite, cells: list[Cell], store) -> int:
-    """0 when every cell has all its final trials; else 1, saying which cells did not finish and why."""
-    unfinished = []
-    for cell in cells:
-        state = cell_state(suite, cell, store, stale=False)
-        if state.failed_records:
-            unfinished.append(f"{cell.key}: {len(state.failed_records)} failed trial(s) (rerun to retry)")
-        elif not state.complete:
-            unfinished.append(f"{cell.key}: {state.blocked or 'final trials missing'}")
-    for line in unfinished:
-        print(f"not finished: {line}", file=sys.stderr)
-    return 1 if unfinished else 0
+def exit_code(suite, cells: list[Cell], store, report: bool = True) -> int:
+    """0 when every cell has all its final trials, else 1 (docs/protocol.md §6.4). With ``report``, say which
+    cells did not finish and why (an executor that ran has said so already)."""
+    from harness.executors import unfinished
+
+    lines = [line for cell in cells if (line := unfinished(cell_state(suite, cell, store, stale=False)))]
+    if report:
+        for line in lines:
+            print(line)
+    return 1 if lines else 0
 
 
 def preflight(suite, cells: list[Cell], env, resolve_artifacts: bool = True) -> None:
