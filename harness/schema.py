@@ -22,6 +22,8 @@ Problem = tuple[tuple[str, ...], str]
 NUMBER: tuple[type, ...] = (int, float)
 PROTOCOL_KINDS = ("search-then-final", "fixed")
 LR_SCALINGS = ("none", "batch/256")
+SCHEDULES = ("cosine", "poly")
+OPTIMIZER_KINDS = ("method", "adamw", "sgd")
 NORMALIZATIONS = ("backbone", "imagenet", "inception")
 CODE_CHECKS = ("refuse", "warn")
 
@@ -198,7 +200,17 @@ DATA_KEYS: dict[str, Key] = {
     "normalize": Key(str, "input mean/std: the backbone's own pretrained config, or forced", choices=NORMALIZATIONS),
 }
 TRAIN: dict[str, Key] = {
-    "epochs": Key(int, "training epochs per trial", required=True, positive=True),
+    "epochs": Key(int, "training epochs per trial (required unless iters is given)", positive=True),
+    "iters": Key((int, dict), "an iteration budget instead of epochs: optimiser steps per trial (or task -> steps), "
+                              "schedule per step, one evaluation at the end"),
+    "warmup_iters": Key(int, "linear warm-up steps with iters (default 0)", minimum=0),
+    "schedule": Key(str, "learning-rate schedule after warm-up (default cosine)", choices=SCHEDULES),
+    "poly_power": Key(NUMBER, "poly schedule: (1 - step/iters)^power (default 1.0)", positive=True),
+    "warmup_ratio": Key(NUMBER, "poly schedule: the lr factor warm-up starts from (default 1e-6)", minimum=0),
+    "optimizer": Key(str, "the optimiser for every method (default method: each method's own)",
+                     choices=OPTIMIZER_KINDS),
+    "no_decay": Key(list, "no weight decay on parameters whose name contains one of these (default: each "
+                          "method's rule)", items=str),
     "batch_size": Key(int, "training batch size", required=True, positive=True),
     "eval_batch_size": Key(int, "evaluation batch size (default: 2 x batch_size)", positive=True),
     "lr_scaling": Key(str, "learning rate = base lr (none) or base lr x batch_size / 256", choices=LR_SCALINGS),
@@ -279,6 +291,10 @@ SECTIONS: dict[str, Key] = {
     )),
     "executor": Key(dict, "settings shared by the local and SLURM executors", keys=EXECUTOR),
     "slurm": Key(dict, "SLURM resources (command-line flags override them)", keys=SLURM),
+    "flaky": Key(list, "cells whose regressions `harness regress` reports but never fails on", nullable=True,
+                 items=(str, dict), entries=(
+                     ("- '<method>:<task>'", "string", "one cell (or <method>/<task>); fnmatch wildcards allowed"),
+                     ("- {method: M, task: T}", "mapping", "the same as a mapping"),)),
     "pretune": Key(dict, "a stage some methods run before tuning; copied into those methods' trial specs",
                    from_methods=True, entries=(
                        ("<key>", "per method", "the keys the methods that read this section declare "
@@ -286,9 +302,18 @@ SECTIONS: dict[str, Key] = {
 }
 REQUIRED = tuple(name for name, key in SECTIONS.items() if key.required)
 
-#: data keys read by tasks/vtab.py and tasks/fgvc.py, accepted for any task whose class does not declare
-#: ``Task.data_keys`` yet. Transitional: once every task class declares its keys, this goes.
-UNDECLARED_TASK_DATA_KEYS = ("preprocess", "strict_counts", "deep_sample")
+
+def flaky_pair(entry: Any) -> tuple[str, str] | None:
+    """A ``flaky:`` entry as (method pattern, task pattern): ``'lora:demo-digits'``, ``'lora/demo-digits'`` or
+    ``{method: lora, task: demo-digits}``; None when it is none of these."""
+    if isinstance(entry, dict) and set(entry) == {"method", "task"} and all(isinstance(v, str) for v in entry.values()):
+        return entry["method"], entry["task"]
+    if isinstance(entry, str):
+        for sep in (":", "/"):
+            method, found, task = entry.partition(sep)
+            if found and method.strip() and task.strip():
+                return method.strip(), task.strip()
+    return None
 
 
 @dataclass

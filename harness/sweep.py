@@ -19,7 +19,7 @@ import yaml
 
 from harness.api import METHODS, TASKS, Task
 from harness.errors import HarnessError, did_you_mean
-from harness.schema import DATA_KEYS, NO_DEFAULT, Key, SECTIONS, UNDECLARED_TASK_DATA_KEYS, Problem, check_mapping, key_for
+from harness.schema import DATA_KEYS, NO_DEFAULT, Key, SECTIONS, Problem, check_mapping, flaky_pair, key_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.api import Method
@@ -159,7 +159,7 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 #: suite keys that say where or how to run, not what a trial computes: --set on them is not a trial override
-NOT_TRIAL_KEYS = ("description", "task_lists", "executor", "slurm", "data.root", "data.roots")
+NOT_TRIAL_KEYS = ("description", "task_lists", "executor", "slurm", "flaky", "data.root", "data.roots")
 
 
 def _outside_trials(dotted: str) -> bool:
@@ -310,6 +310,16 @@ def suite_problems(raw: dict[str, Any]) -> list[Problem]:
             problems += check_mapping(SECTIONS[name].keys or {}, ok[name], (name,))
     if "protocol" in ok:
         problems += _protocol_problems(ok["protocol"])
+    if "train" in ok and "epochs" not in ok["train"] and "iters" not in ok["train"]:
+        problems.append((("train",), "missing required key 'epochs' (training epochs per trial; or iters, an "
+                                     "iteration budget)"))
+    iters = ok.get("train", {}).get("iters")
+    if isinstance(iters, int) and not isinstance(iters, bool) and iters < 1:
+        problems.append((("train", "iters"), f"expected an integer > 0 or a mapping task -> integer > 0, got {iters}"))
+    if isinstance(iters, dict):
+        problems += _task_key_problems(iters, ("train", "iters"))
+        problems += [(("train", "iters", str(t)), f"expected an integer > 0, got {v!r}") for t, v in iters.items()
+                     if isinstance(v, bool) or not isinstance(v, int) or v < 1]
 
     problems += _names_problems(ok.get("tasks", []), TASKS.names(), "task", ("tasks",))
     for list_name, members in (ok.get("task_lists") or {}).items():
@@ -345,6 +355,20 @@ def suite_problems(raw: dict[str, Any]) -> list[Problem]:
     for name, section in SECTIONS.items():
         if section.from_methods and isinstance(ok.get(name), dict):
             problems += _method_section_problems(name, ok[name], candidates)
+    problems += _flaky_problems(ok.get("flaky") or [])
+    return problems
+
+
+def _flaky_problems(entries: list[Any]) -> list[Problem]:
+    """``flaky:`` entries that are not a method/task pair, or name no registered method or task."""
+    problems: list[Problem] = []
+    for entry in entries:
+        pair = flaky_pair(entry)
+        if pair is None:
+            problems.append((("flaky",), f"expected 'method:task' (or {{method: M, task: T}}), got {entry!r}"))
+            continue
+        problems += _names_problems([pair[0]], METHODS.names(), "method", ("flaky",))
+        problems += _names_problems([pair[1]], TASKS.names(), "task", ("flaky",))
     return problems
 
 
@@ -384,10 +408,8 @@ def _selected_tasks(ok: dict[str, Any]) -> list[str]:
 
 
 def task_data_keys(task: Task) -> tuple[str, ...]:
-    """The ``data:`` keys a task reads besides the engine's: its ``data_keys``, or, while its class does not
-    declare them, the keys the list-file task families read (UNDECLARED_TASK_DATA_KEYS)."""
-    declared = any("data_keys" in vars(cls) for cls in type(task).__mro__ if cls is not Task and cls is not object)
-    return tuple(task.data_keys) if declared else UNDECLARED_TASK_DATA_KEYS
+    """The ``data:`` keys a task reads besides the engine's: exactly its ``Task.data_keys``."""
+    return tuple(task.data_keys)
 
 
 def _data_problems(data: dict[str, Any], tasks: list[str]) -> list[Problem]:

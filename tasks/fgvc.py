@@ -1,4 +1,4 @@
-"""FGVC: the five fine-grained datasets in VPT's JSON-split layout (PROTOCOL.md §4(a)).
+"""FGVC: the five fine-grained datasets in VPT's JSON-split layout (docs/protocol.md §8.1).
 
 Each dataset folder holds ``train.json`` / ``val.json`` / ``test.json``, each a JSON object
 ``{"<relative image path>": <class id>, ...}`` (VPT's splits, from https://cornell.box.com/v/vptfgvcsplits), next to
@@ -14,11 +14,15 @@ One dataset's folder can live elsewhere: ``data.roots: {fgvc-cub: /path/to/CUB_2
 
 Class ids are whatever the JSON says (NABirds' are not contiguous); they are mapped to 0..C-1 in sorted order over
 the union of the three split files, so a class missing from one split keeps its id (the official code remaps per
-split file, which is only safe when every class is in every split; PROTOCOL.md §1.7.5).
+split file, which is only safe when every class is in every split; docs/protocol.md §8.2).
 
-Transforms as VPT's ``src/data/transforms.py`` (PROTOCOL.md §3.4), scaled with the suite's image size S (224 gives
-the paper's numbers): train resize the short side to S*256/224, random crop S, horizontal flip; eval resize, centre
-crop S; ImageNet mean/std.
+Transforms as VPT's ``src/data/transforms.py`` (docs/protocol.md §8.3), scaled with the suite's image size S (224
+gives the paper's numbers): train resize the short side to S*256/224, random crop S, horizontal flip; eval resize,
+centre crop S. Mean and std are ``ctx.mean``/``ctx.std``, resolved by the engine from ``data.normalize``
+(docs/protocol.md §2.2; by default the backbone's own pretrained statistics).
+
+The list-file machinery (checks, dataset, fingerprint) is ``tasks/lists.py``. FGVC reads only its ``data:`` keys
+(``strict_counts``, ``deep_sample``; ``FgvcTask.data_keys`` is inherited from ``ListTask``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.api import TASKS, DataContext
-from tasks.vtab import IMAGENET_MEAN, IMAGENET_STD, MAX_PER_KIND, DataReport, Entry, ListTask, capped
+from tasks.lists import MAX_PER_KIND, DataReport, Entry, ListTask, capped
 
 FGVC_SPLITS = ("train", "val", "test")
 
@@ -158,7 +162,7 @@ class FgvcTask(ListTask):
 
         size = ctx.image_size
         resize = int(size * 256 / 224)  # VPT: 224 -> 256, 384 -> 438, 448 -> 512
-        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        normalize = T.Normalize(ctx.mean, ctx.std)
         if train:
             return T.Compose([T.Resize(resize), T.RandomCrop(size), T.RandomHorizontalFlip(0.5), T.ToTensor(),
                               normalize])

@@ -3,7 +3,9 @@ labels remapped over the union of splits, the transforms, and both protocols end
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -133,6 +135,10 @@ def test_suite_files_encode_the_recipes():
     assert search.protocol["search"]["train"] == "train" and search.protocol["search"]["eval"] == "val"
     assert search.protocol["final"] == {"train": "train", "eval": "test"}
     assert 0.05 not in search.grid_for("vpt-deep")["lr"]
+    for s in (suite, search):  # docs/protocol.md §2.1, §2.2, §6.2
+        assert s.backbone == {"name": "deit_base_patch16_224.fb_in1k", "weights": "timm"}
+        assert s.data["normalize"] == "backbone"
+        assert s.seeds == [42, 44, 82, 100, 800]
 
 
 def _records(results: Path) -> list[dict]:
@@ -142,13 +148,13 @@ def _records(results: Path) -> list[dict]:
 def test_fixed_recipe_end_to_end_and_table(tmp_path, capsys):
     root = make_fgvc_tree(tmp_path / "fgvc")
     args = ["--suite", "fgvc", "--tasks", "fgvc-flowers,fgvc-dogs", "--methods", "finetune",
-            "--data-root", str(root), *TINY_ARGS]
+            "--data-root", str(root), "--seeds", "1", *TINY_ARGS]  # --seeds 1: one run, as the official configs
     assert main(["run", *args, "--no-progress", "--no-table"]) == 0
     records = _records(tmp_path / "results")
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
     for record in records:
         spec = record["spec"]
-        assert (spec["stage"], spec["train_split"], spec["eval_split"]) == ("final", "train", "test")
+        assert (spec["stage"], spec["train_split"], spec["eval_split"], spec["seed"]) == ("final", "train", "test", 42)
         assert spec["hparams"]["lr"] == 0.003 and spec["hparams"]["weight_decay"] == 0.0001
         folder = LAYOUT[spec["task"]][0]
         assert record["data_fingerprint"]["test"] == hashlib.sha256(
@@ -162,11 +168,24 @@ def test_fixed_recipe_end_to_end_and_table(tmp_path, capsys):
 def test_val_search_end_to_end(tmp_path, capsys):
     root = make_fgvc_tree(tmp_path / "fgvc", ("fgvc-cub",))
     args = ["--suite", "fgvc-search", "--tasks", "fgvc-cub", "--methods", "linear", "--data-root", str(root),
-            "--grid-points", "2", *TINY_ARGS]
+            "--grid-points", "2", "--seeds", "2", *TINY_ARGS]
     assert main(["run", *args, "--no-progress", "--no-table"]) == 0
     records = _records(tmp_path / "results")
     stages = sorted((r["spec"]["stage"], r["spec"]["train_split"], r["spec"]["eval_split"]) for r in records)
-    assert stages == [("final", "train", "test"), ("search", "train", "val"), ("search", "train", "val")]
+    assert stages == [("final", "train", "test")] * 2 + [("search", "train", "val")] * 2
+    search = [r for r in records if r["spec"]["stage"] == "search"]
+    finals = [r for r in records if r["spec"]["stage"] == "final"]
+    # the finals retrain the search winner: best val metric, ties to the smaller lr, then to the earlier grid point
+    # (docs/protocol.md §6.1); the first two points of linear's grid are lr 50 with weight decay 0.01, 0.001
+    wd_order = load_suite("fgvc-search").grid_for("linear")["weight_decay"]
+    winner = min(search, key=lambda r: (-r["metrics"]["eval"], r["spec"]["hparams"]["lr"],
+                                        wd_order.index(r["spec"]["hparams"]["weight_decay"])))
+    point = {k: winner["spec"]["hparams"][k] for k in ("lr", "weight_decay")}
+    assert [{k: r["spec"]["hparams"][k] for k in point} for r in finals] == [point, point]
+    assert sorted(r["spec"]["seed"] for r in finals) == [42, 44]
+    # the table's cell is the mean of the two final records' last-epoch test metric
     capsys.readouterr()
-    assert main(["table", *args]) == 0
-    assert "fgvc-cub" in capsys.readouterr().out
+    assert main(["table", *args, "--format", "csv"]) == 0
+    row = next(r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r.get("method") == "linear")
+    assert int(row["fgvc-cub_n"]) == 2
+    assert float(row["fgvc-cub"]) == pytest.approx(sum(r["metrics"]["eval"] for r in finals) / 2, abs=1e-4)

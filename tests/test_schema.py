@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.api import DataContext, Task
+from harness.api import TASKS, DataContext, Task
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.schema import SECTIONS, UNDECLARED_TASK_DATA_KEYS
+from harness.schema import SECTIONS
 from harness.sweep import available_suites, load_suite, parse_set, task_data_keys
 
 
@@ -133,7 +133,7 @@ def test_unknown_keys_of_fixed_sections_are_refused(make_suite):
                                                                         "sed": 1}},
                       executor={"workres": 2}, backbone={"name": "vit_tiny_patch16_224", "weigths": None})
     message = refused(path)
-    assert "train.warmup_epoch: unknown key; did you mean: warmup_epochs?" in message
+    assert "train.warmup_epoch: unknown key; did you mean: warmup_epochs" in message  # first of the close keys
     assert "protocol.search.sed: unknown key; did you mean: seed?" in message
     assert "executor.workres: unknown key; did you mean: workers?" in message
     assert "backbone.weigths: unknown key; did you mean: weights?" in message
@@ -161,7 +161,19 @@ def test_a_task_that_declares_data_keys_gets_exactly_those():
             raise AssertionError
 
     assert task_data_keys(Declared()) == ("crop",)
-    assert task_data_keys(Undeclared()) == UNDECLARED_TASK_DATA_KEYS
+    assert task_data_keys(Undeclared()) == ()  # no fallback: a task reads only what it declares
+    # the list-file families declare theirs: VTAB adds preprocess to the list-file checks' keys, FGVC does not
+    assert task_data_keys(TASKS.get("vtab-dtd")) == ("strict_counts", "deep_sample", "preprocess")
+    assert task_data_keys(TASKS.get("fgvc-cub")) == ("strict_counts", "deep_sample")
+    assert task_data_keys(TASKS.get("demo-digits")) == ()
+
+
+def test_a_key_only_another_family_reads_is_refused(make_suite):
+    """preprocess is VTAB's: a suite of demo or FGVC tasks that sets it is refused, naming what its tasks read."""
+    message = refused(make_suite(data={"image_size": 32, "preprocess": "vpt"}))
+    assert "data.preprocess: unknown key" in message and "the suite's tasks read no others" in message
+    message = refused(make_suite(tasks=["fgvc-cub"], data={"image_size": 32, "preprocess": "vpt"}))
+    assert "data.preprocess: unknown key" in message and "the suite's tasks read: deep_sample, strict_counts" in message
 
 
 def test_a_method_section_is_checked_against_the_keys_its_readers_declare(make_suite):
@@ -231,7 +243,7 @@ SHOWN = {"suite": "suite:", "description": "description:", "tasks": "fnmatch pat
          "methods": "methods:", "backbone": "model_args", "data": "normalize", "train": "warmup_epochs",
          "protocol": "search.seed", "grids": "<method>.<hyperparameter>", "settings": "per_task",
          "fixed": "<method>.'*'", "executor": "checkpoint_every", "slurm": "partition",
-         "pretune": "Method.section_keys"}
+         "flaky": "'<method>:<task>'", "pretune": "Method.section_keys"}
 
 
 def test_ls_suites_schema_prints_every_section_and_its_keys(capsys):
@@ -241,7 +253,7 @@ def test_ls_suites_schema_prints_every_section_and_its_keys(capsys):
     for section, key in SHOWN.items():
         assert f"\n{section}: " in out, section
         assert key in out, (section, key)
-    assert "epochs           integer > 0, required" in out
+    assert "epochs           integer > 0 " in out and "(required unless iters is given)" in out
 
 
 def test_ls_suites_schema_does_not_import_torch():

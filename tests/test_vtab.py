@@ -88,13 +88,14 @@ def test_suite_file_encodes_the_protocol():
     assert suite.seeds == [42, 44, 82, 100, 800]
     assert suite.train["epochs"] == 100 and suite.train["batch_size"] == 32
     assert suite.train["lr_scaling"] == "batch/256"
-    assert suite.backbone["name"].startswith("vit_base_patch16_224") and suite.backbone["weights"] == "timm"
+    assert suite.backbone == {"name": "deit_base_patch16_224.fb_in1k", "weights": "timm"}  # paper A.1
     wd = [0.01, 0.001, 0.0001, 0.0]
     assert suite.grid_for("toast") == {"lr": [1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01], "weight_decay": wd}
     assert suite.grid_for("linear")["lr"] == [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
     assert suite.grid_for("finetune")["lr"] == [0.001, 0.0001, 0.0005, 0.005]
     assert suite.grid_for("vpt-deep")["lr"] == [5, 2.5, 1, 50, 25, 10, 0.5, 0.25, 0.1, 0.05]
     assert suite.data["preprocess"] == "vpt" and suite.data["image_size"] == 224
+    assert suite.data["normalize"] == "backbone"
 
 
 # ---------------------------------------------------------------------------------------------------- data
