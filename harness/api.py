@@ -7,8 +7,15 @@ subclasses :class:`Task`. The method's name is written once, in ``methods/__init
 engine only talks to these interfaces, and plug-ins import only this module and :mod:`harness.errors`.
 
 Engine services for plug-ins (imported lazily on first use, so ``import harness.api`` stays free of torch):
-``fit`` and ``FitResult`` (the one training loop), ``seed_everything``, ``pick_device``, ``build_backbone``,
-``resolve_weights``, ``file_fingerprint``, ``file_lock``, ``atomic_write_json``, ``provenance``, ``cls_attention``.
+``fit`` and ``FitResult`` (the one training loop), ``warmup_cosine``, ``seed_everything``, ``pick_device``, ``build_backbone``,
+``resolve_weights``, ``file_fingerprint``, ``file_lock``, ``atomic_write_json``, ``provenance``, ``cls_attention``,
+``segmentation_model`` (the engine's ViT segmentation model, for a method that overrides
+:meth:`Method.build_segmentation`).
+
+Task kinds: a :class:`Task` is a classification task (items ``(image, int label)``, one logit vector per image). A
+:class:`SegmentationTask` (``kind = "segmentation"``) has items ``(image, label map)`` and the metric mIoU; it asks
+each method for its segmentation model through :meth:`Method.build_segmentation`, whose default (every method
+inherits it) wraps the method's own model, so the method's trainable set plugs in unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ _SERVICES = {
     "fit": "harness.loop:fit",
     "FitResult": "harness.loop:FitResult",
     "seed_everything": "harness.loop:seed_everything",
+    "warmup_cosine": "harness.loop:warmup_cosine",
     "pick_device": "harness.loop:pick_device",
     "build_backbone": "harness.backbone:build_backbone",
     "resolve_weights": "harness.backbone:resolve_weights",
@@ -45,6 +53,7 @@ _SERVICES = {
     "atomic_write_json": "harness.files:atomic_write_json",
     "provenance": "harness.provenance:provenance",
     "cls_attention": "harness.attention:cls_attention",
+    "segmentation_model": "harness.segmentation:segmentation_model",
 }
 
 
@@ -72,6 +81,8 @@ class BuildContext:
     #: True when the model is built only to be inspected (parameter counts, FLOPs): a method must then not
     #: resolve artifacts such as pre-tuned checkpoints, and builds with its random initialisation instead
     random_init: bool = False
+    #: the data as the trial sees it (a segmentation task's crop and decoder settings live in its settings)
+    data: "DataContext | None" = None
     resolve_artifact: Callable[[str], Path] = lambda name: (_ for _ in ()).throw(KeyError(name))  # noqa: E731
 
 
@@ -132,6 +143,17 @@ class Method(abc.ABC):
     def build(self, backbone: "nn.Module", num_classes: int, ctx: BuildContext) -> "nn.Module":
         """Return the model to train: ``forward(images) -> logits``, with a ``head`` attribute (the task head)."""
 
+    def build_segmentation(self, backbone: "nn.Module", task: "SegmentationTask", ctx: BuildContext) -> "nn.Module":
+        """The model for a segmentation task: ``forward(images) -> B x C x H x W`` logits. Default: the engine's
+        segmentation model (:func:`harness.segmentation.segmentation_model`) around this method's own model from
+        :meth:`build`: features of evenly spaced blocks (2, 5, 8, 11 of 12) are read from the backbone's blocks
+        while the method's model runs, its classification head is dropped, and a UPerNet decode head and an
+        auxiliary FCN head (both always trained) turn them into logits. Whatever ``build`` left trainable trains.
+        Override to give the engine other features (TOAST: its second pass's)."""
+        from harness.segmentation import segmentation_model
+
+        return segmentation_model(self.build(backbone, task.num_classes, ctx), backbone, task, ctx)
+
     def decays(self, param_name: str, param: "torch.nn.Parameter") -> bool:
         """Whether weight decay applies to a trainable parameter. Default: everything but the head's bias (as the
         official SGD code does); AdamW methods exclude biases and norms."""
@@ -157,8 +179,14 @@ class DataContext:
 
 
 class Task(abc.ABC):
-    """A downstream task: its splits, classes, transforms, metric and suite group."""
+    """A downstream task: its splits, classes, transforms, metric and suite group.
 
+    The hooks below (``backbone_args``, ``build_model``, ``objective``, ``evaluate``, ``collate``, ``input_size``)
+    are what the engine asks a task while it trains one trial; their defaults are image classification.
+    :class:`SegmentationTask` overrides them."""
+
+    #: "classification" (this class) or "segmentation" (:class:`SegmentationTask`)
+    kind: str = "classification"
     name: str = ""
     family: str = ""  # the suite family that defines it: demo, vtab, fgvc, ...
     group: str = ""  # e.g. VTAB's natural / specialized / structured
@@ -183,8 +211,118 @@ class Task(abc.ABC):
         """Problems with the data on disk, one message each; empty when clean. ``deep`` also decodes images."""
         return []
 
+    # -- what the engine asks while it trains a trial on this task (defaults: classification) --------------------
+    def backbone_args(self, ctx: DataContext) -> dict[str, Any]:
+        """Extra ``timm.create_model`` arguments the task needs (a segmentation task: position embeddings resized
+        to the input)."""
+        return {}
+
+    def build_model(self, method: Method, backbone: "nn.Module", ctx: BuildContext) -> "nn.Module":
+        """The method's model for this task: ``method.build`` (logits per image)."""
+        return method.build(backbone, self.num_classes, ctx)
+
+    def objective(self, train: dict[str, Any], ctx: DataContext) -> Callable:
+        """The loss ``objective(model, images, targets) -> (loss, logs)`` for the suite's ``train`` settings."""
+        from harness.loop import cross_entropy
+
+        return cross_entropy(float(train.get("label_smoothing", 0.0)))
+
+    def evaluate(self, model: "nn.Module", loader: Any, device: str, ctx: DataContext,
+                 amp: bool = True) -> dict[str, Any]:
+        """The metric over a whole split: ``{"eval": value}`` plus any details worth keeping in the record."""
+        from harness.train import evaluate
+
+        return {"eval": evaluate(model, loader, device, self.metric, self.num_classes, amp)}
+
+    def collate(self, train: bool) -> Callable | None:
+        """The data loader's ``collate_fn`` (None: torch's default stacking)."""
+        return None
+
+    def input_size(self, ctx: DataContext) -> tuple[int, int]:
+        """(height, width) of a training input (for cost accounting)."""
+        return (ctx.image_size, ctx.image_size)
+
     def __repr__(self) -> str:
         return f"<task {self.name}>"
+
+
+class SegmentationTask(Task):
+    """Semantic segmentation: items are ``(image tensor 3 x H x W, label map int64 H x W)`` with ``ignore_index``
+    (255) on pixels that count for nothing; the metric is mIoU (percent) from a confusion matrix accumulated over
+    the whole split, with per-class IoU kept in the record.
+
+    A subclass sets ``num_classes``, ``class_names``, ``crop_size`` and ``scale`` (its training pipeline's
+    defaults) and implements :meth:`dataset` (and :meth:`check`). Trials train on random crops
+    (``crop_size``); evaluation runs on whole images (resized to ``scale``), one at a time, either as one forward
+    (``eval_mode: whole``) or as overlapping crop-size windows (``slide``).
+
+    Settings a suite can give under ``data:`` (all part of the trial spec):
+
+    * ``crop_size`` (int or [h, w]), ``scale`` ([long side, short side]), ``ratio_range`` ([low, high]);
+    * ``eval_mode`` (``whole`` | ``slide``), ``slide_stride`` (int or [h, w]; default two thirds of the crop);
+    * ``decoder_channels`` (UPerNet, default 512), ``aux_channels`` (FCN, default 256), ``aux_weight`` (0.4).
+    """
+
+    kind = "segmentation"
+    metric = "miou"
+    ignore_index: int = 255
+    class_names: tuple[str, ...] = ()
+    #: the training crop (h, w) and the base scale (long side, short side) images are rescaled to (x 0.5-2.0)
+    crop_size: tuple[int, int] = (512, 512)
+    scale: tuple[int, int] = (2048, 512)
+    data_keys = ("crop_size", "scale", "ratio_range", "eval_mode", "slide_stride", "decoder_channels",
+                 "aux_channels", "aux_weight", "deep_sample")
+
+    def settings(self, ctx: DataContext) -> dict[str, Any]:
+        """This task's segmentation settings with the suite's ``data:`` values over the task's defaults."""
+        from harness.errors import HarnessError
+
+        s = ctx.settings
+
+        def pair(key: str, default: tuple[int, int]) -> tuple[int, int]:
+            value = s.get(key, default)
+            value = (value, value) if isinstance(value, (int, float)) else tuple(value)
+            if len(value) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in value):
+                raise HarnessError(f"data.{key}: expected a positive number or [a, b], got {s.get(key)!r}")
+            return int(value[0]), int(value[1])
+
+        crop = pair("crop_size", self.crop_size)
+        mode = str(s.get("eval_mode", "whole"))
+        if mode not in ("whole", "slide"):
+            raise HarnessError(f"data.eval_mode: expected whole or slide, got {mode!r}")
+        low, high = (float(v) for v in s.get("ratio_range", (0.5, 2.0)))
+        return {"crop_size": crop, "scale": pair("scale", self.scale), "ratio_range": (low, high),
+                "eval_mode": mode, "slide_stride": pair("slide_stride", (crop[0] * 2 // 3, crop[1] * 2 // 3)),
+                "decoder_channels": int(s.get("decoder_channels", 512)),
+                "aux_channels": int(s.get("aux_channels", 256)), "aux_weight": float(s.get("aux_weight", 0.4))}
+
+    def backbone_args(self, ctx: DataContext) -> dict[str, Any]:
+        return {"dynamic_img_size": True}  # timm resizes the position embedding to each input's grid (bicubic)
+
+    def build_model(self, method: Method, backbone: "nn.Module", ctx: BuildContext) -> "nn.Module":
+        return method.build_segmentation(backbone, self, ctx)
+
+    def objective(self, train: dict[str, Any], ctx: DataContext) -> Callable:
+        from harness.segmentation import segmentation_objective
+
+        return segmentation_objective(self.settings(ctx)["aux_weight"], self.ignore_index)
+
+    def evaluate(self, model: "nn.Module", loader: Any, device: str, ctx: DataContext,
+                 amp: bool = True) -> dict[str, Any]:
+        from harness.segmentation import evaluate_segmentation
+
+        return evaluate_segmentation(model, loader, device, self, self.settings(ctx), amp)
+
+    def collate(self, train: bool) -> Callable | None:
+        """Training crops stack; evaluation images keep their own sizes (lists)."""
+        if train:
+            return None
+        from harness.segmentation import collate_lists
+
+        return collate_lists
+
+    def input_size(self, ctx: DataContext) -> tuple[int, int]:
+        return self.settings(ctx)["crop_size"]
 
 
 METHODS: Registry[Method] = Registry("method", "methods:INDEX")

@@ -42,13 +42,16 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "head": head_params, "total": total}
 
 
-def forward_flops(model: nn.Module, image_size: int, device: str | torch.device = "cpu") -> int | None:
-    """FLOPs of one forward pass on one image (torch.utils.flop_counter; a multiply-add counts as 2)."""
+def forward_flops(model: nn.Module, image_size: int | tuple[int, int],
+                  device: str | torch.device = "cpu") -> int | None:
+    """FLOPs of one forward pass on one image (torch.utils.flop_counter; a multiply-add counts as 2); the image is
+    ``image_size`` square, or (height, width)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    x = torch.zeros(1, 3, height, width, device=device)
     try:
         # no_grad first (cheap); with autograd on as the fallback, because the counter's module tracker fails on a
         # no_grad view of a trainable parameter passed into a submodule (VPT's prompts into its dropout). Only

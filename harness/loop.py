@@ -8,7 +8,10 @@ What differs between those is passed in:
   (cross-entropy; TOAST's CE + variational loss);
 * ``lr_factor(i)``: the learning-rate multiplier at epoch ``i`` (``per_step=False``) or optimiser step ``i``
   (``per_step=True``), applied through ``LambdaLR``;
-* ``evaluate(model) -> dict``: numbers recorded after each epoch (a trial's validation/test metric);
+* ``evaluate(model) -> dict``: numbers recorded after each epoch (a trial's validation/test metric), or only after
+  every ``evaluate_every``-th and the last;
+* ``max_steps``: an iteration budget (segmentation's ``train.iters``): training stops after that many optimiser
+  steps, in the middle of a pass over the data if need be; ``epochs`` is then the number of passes it takes;
 * ``checkpoint``: where the resumable state goes (trainable weights, optimiser, schedule, RNG, history);
   the run resumes from it when it exists and it is removed when the run ends.
 
@@ -58,6 +61,16 @@ def warmup_cosine(i: int, warmup: int, total: int) -> float:
         return i / max(1, warmup)
     progress = (i - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_poly(i: int, warmup: int, total: int, power: float = 1.0, warmup_ratio: float = 1e-6) -> float:
+    """The lr factor at 0-based step ``i`` of mmcv's poly schedule with linear warmup (mmsegmentation's
+    ``policy='poly'``, ``min_lr=0``): ``(1 - i/total)^power``, multiplied during the first ``warmup`` steps by
+    ``1 - (1 - i/warmup)(1 - warmup_ratio)`` (so it starts at ``warmup_ratio``)."""
+    factor = max(0.0, 1.0 - i / max(1, total)) ** power
+    if i < warmup:
+        factor *= 1.0 - (1.0 - i / warmup) * (1.0 - warmup_ratio)
+    return factor
 
 
 def autocast_for(device: str, amp: bool = True):
@@ -114,6 +127,8 @@ def fit(
     checkpoint: Path | None = None,
     checkpoint_every: int = 1,
     progress: str | None = None,
+    max_steps: int | None = None,
+    evaluate_every: int = 1,
 ) -> FitResult:
     """Train ``model`` (already on ``device``) for ``epochs`` over ``loader``; see the module docstring."""
     from harness.cost import PeakMemory
@@ -125,6 +140,7 @@ def fit(
     if checkpoint is not None and checkpoint.exists():
         start, result.history = _load_checkpoint(checkpoint, model, optimizer, scheduler, generator)
         result.resumed_from = start
+    steps = int(result.history[-1].get("steps", 0)) if result.history else 0
     epoch_iter: Any = range(start, epochs)
     bar = None
     if progress:
@@ -141,6 +157,8 @@ def fit(
                 lr = scheduler.get_last_lr()[0]
                 total_loss, seen, sums = 0.0, 0, {}
                 for images, labels in loader:
+                    if max_steps is not None and steps >= max_steps:
+                        break
                     images = images.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
                     with autocast_for(device, amp):
@@ -151,6 +169,7 @@ def fit(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    steps += 1
                     if per_step:
                         scheduler.step()
                     n = images.shape[0]
@@ -162,20 +181,25 @@ def fit(
                 result.train_seconds += time.perf_counter() - t0
                 result.train_images += seen
                 entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+                if max_steps is not None:
+                    entry["steps"] = steps
+                last = epoch + 1 == epochs or (max_steps is not None and steps >= max_steps)
                 if result.status == "diverged":
                     entry["train_loss"] = float("nan")
                     result.history.append(entry)
                     break
                 entry["train_loss"] = total_loss / max(1, seen)
                 entry.update({k: v / max(1, seen) for k, v in sums.items()})
-                if evaluate is not None:
+                if evaluate is not None and (last or (epoch + 1) % max(1, evaluate_every) == 0):
                     entry.update(evaluate(model))
                 result.history.append(entry)
                 if not per_step:
                     scheduler.step()
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k not in ("epoch", "lr")})
-                if checkpoint is not None and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < epochs:
+                if last:
+                    break
+                if checkpoint is not None and (epoch + 1) % checkpoint_every == 0:
                     _save_checkpoint(checkpoint, epoch + 1, result.history, model, optimizer, scheduler, generator)
         result.memory = memory.result()
     finally:

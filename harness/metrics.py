@@ -1,10 +1,19 @@
-"""Task metrics, by name: each takes the argmax predictions and labels of a whole split."""
+"""Task metrics, by name: each takes the argmax predictions and labels of a whole split.
+
+Segmentation's mIoU comes from a confusion matrix accumulated over the split (:func:`confusion_matrix`, summed
+image by image), never from a mean of per-image IoUs: IoU_c = TP_c / (TP_c + FP_c + FN_c), pixels labelled
+``ignore_index`` count for nothing, and a class with no pixel in either the labels or the predictions has no IoU
+(it is left out of the mean, as mmsegmentation's nanmean does).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+
+#: the label of pixels that count for nothing (VOC's object borders, Cityscapes' unused ids)
+IGNORE_INDEX = 255
 
 
 def top1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -14,4 +23,34 @@ def top1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> f
     return float((predictions == labels).float().mean().item() * 100.0)
 
 
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {"top1": top1}
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """C x C counts (int64): row = true class, column = predicted class, over the pixels whose label is a class
+    (``ignore_index`` and any other value outside [0, C) are skipped)."""
+    labels = labels.reshape(-1).long()
+    predictions = predictions.reshape(-1).long()
+    valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    index = labels[valid] * num_classes + predictions[valid]
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_per_class(confusion: torch.Tensor) -> list[float | None]:
+    """IoU in percent per class from a confusion matrix; None for a class absent from labels and predictions."""
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return [float(t / u * 100.0) if u > 0 else None for t, u in zip(tp.tolist(), union.tolist())]
+
+
+def mean_iou(confusion: torch.Tensor) -> float:
+    """The mean of the defined per-class IoUs (percent); nan when no class is defined."""
+    values = [v for v in iou_per_class(confusion) if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def miou(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """mIoU in percent of label maps (any shape), ``IGNORE_INDEX`` ignored."""
+    return mean_iou(confusion_matrix(predictions, labels, num_classes))
+
+
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], float]] = {"top1": top1, "miou": miou}

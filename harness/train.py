@@ -5,10 +5,18 @@ methods or tasks: it trains whatever the method left trainable, with the optimis
 Schedule (docs/protocol.md): linear warmup then cosine, stepped per epoch (VPT's WarmupCosineSchedule). Learning
 rate = base lr x batch/256 when the suite says ``lr_scaling: batch/256``. The record carries the last-epoch metric
 of the evaluation split, the per-epoch curve, parameter counts, cost, the input normalisation used, and provenance.
+
+An iteration budget (``train.iters``, segmentation's protocol) trains that many optimiser steps instead of
+``epochs``, stepping the schedule per step (``train.schedule``: ``cosine`` or mmseg's ``poly``, with
+``warmup_iters``), drawing full batches, and evaluating once at the end. ``train.optimizer`` may replace the method's
+optimiser kind for a whole suite, and ``train.no_decay`` its weight-decay rule (no decay on parameters whose name
+contains any of the listed strings). What the model is, its loss and its metric come from the task
+(:class:`harness.api.Task`'s hooks: classification by default, segmentation for a ``SegmentationTask``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -28,7 +36,7 @@ from harness.backbone import build_backbone, file_fingerprint, resolve_weights
 from harness.cost import forward_flops, parameter_counts
 from harness.errors import HarnessError
 from harness.inputs import artifact_resolver, data_context
-from harness.loop import autocast_for, cross_entropy, fit, pick_device, seed_everything, trainable_state, warmup_cosine
+from harness.loop import autocast_for, fit, pick_device, seed_everything, trainable_state, warmup_cosine, warmup_poly
 from harness.metrics import METRICS
 from harness.plan import TrialSpec
 from harness.provenance import provenance
@@ -64,11 +72,13 @@ class TrialEnv:
                                  overrides=spec.overrides, data_root=self.data_root, progress=self.progress)
 
 
-def backbone_spec_for(method: Method, spec: TrialSpec) -> dict[str, Any]:
-    """The trial's backbone spec with the method's extra model arguments (drop-path when ``frozen_eval`` is off);
-    an explicit ``backbone.model_args`` entry wins."""
+def backbone_spec_for(method: Method, spec: TrialSpec, task_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trial's backbone spec with the method's extra model arguments (drop-path when ``frozen_eval`` is off)
+    and the task's (``task_args``: a segmentation task's dynamic input size); an explicit ``backbone.model_args``
+    entry wins."""
     backbone = dict(spec.backbone)
-    backbone["model_args"] = {**method.backbone_args(spec.hparams), **(backbone.get("model_args") or {})}
+    backbone["model_args"] = {**(task_args or {}), **method.backbone_args(spec.hparams),
+                              **(backbone.get("model_args") or {})}
     return backbone
 
 
@@ -76,20 +86,31 @@ def build_model(spec: TrialSpec, env: TrialEnv) -> nn.Module:
     """Backbone + method, seeded with the trial's seed so heads and prompts start the same every time."""
     method, task = METHODS.get(spec.method), TASKS.get(spec.task)
     resolve = env.resolver(spec)
+    dctx = env.data_context(spec)
     seed_everything(spec.seed)
-    backbone = build_backbone(backbone_spec_for(method, spec), resolve)
+    backbone = build_backbone(backbone_spec_for(method, spec, task.backbone_args(dctx)), resolve)
     ctx = BuildContext(hparams=spec.hparams, suite=spec.suite, cache_dir=env.cache_dir, device=env.device, task=task,
-                       resolve_artifact=resolve)
-    return method.build(backbone, task.num_classes, ctx)
+                       data=dctx, resolve_artifact=resolve)
+    return task.build_model(method, backbone, ctx)
 
 
-def make_optimizer(method: Method, model: nn.Module, lr: float, hparams: dict[str, Any]) -> torch.optim.Optimizer:
-    """The method's optimiser over exactly the trainable parameters; no decay where the method says so."""
+def make_optimizer(method: Method, model: nn.Module, lr: float, hparams: dict[str, Any],
+                   train: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """The method's optimiser over exactly the trainable parameters; no decay where the method says so. A suite's
+    ``train.optimizer`` (other than ``method``) replaces the method's kind, and ``train.no_decay`` (name
+    substrings) replaces its decay rule."""
     kind, weight_decay = method.optimizer_for(hparams)
+    train = train or {}
+    kind = kind if train.get("optimizer", "method") == "method" else str(train["optimizer"])
+    exempt = train.get("no_decay")
+
+    def decays(name: str, p: torch.nn.Parameter) -> bool:
+        return method.decays(name, p) if exempt is None else not any(key in name for key in exempt)
+
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if method.decays(name, p) else no_decay).append(p)
+            (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if kind == "adamw":
@@ -149,8 +170,8 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     method, task = METHODS.get(spec.method), TASKS.get(spec.task)
     device = env.device
     train_cfg, hp = spec.train, spec.hparams
-    epochs, batch_size = int(train_cfg["epochs"]), int(train_cfg["batch_size"])
-    warmup = int(train_cfg.get("warmup_epochs", method.warmup_epochs))
+    batch_size = int(train_cfg["batch_size"])
+    iters = iteration_budget(train_cfg, task.name)
     base_lr = float(hp["lr"])
     lr = base_lr * batch_size / 256 if train_cfg.get("lr_scaling", "none") == "batch/256" else base_lr
     amp = bool(train_cfg.get("amp", True))
@@ -163,37 +184,57 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     generator = torch.Generator().manual_seed(spec.seed)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                              num_workers=workers, pin_memory=cuda, drop_last=False,
+                              num_workers=workers, pin_memory=cuda,
+                              drop_last=iters is not None and len(train_set) >= batch_size,  # full batches
+                              collate_fn=task.collate(True),
                               worker_init_fn=_seed_worker if workers else None, persistent_workers=workers > 0)
     eval_loader = DataLoader(eval_set, batch_size=int(train_cfg.get("eval_batch_size", 2 * batch_size)),
-                             shuffle=False, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+                             shuffle=False, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+                             collate_fn=task.collate(False))
+    schedule = str(train_cfg.get("schedule", "cosine"))
+    if iters is not None:  # an iteration budget: per-step schedule, as many passes as it takes, one evaluation
+        epochs = math.ceil(iters / max(1, len(train_loader)))
+        warmup, total, per_step = int(train_cfg.get("warmup_iters", 0)), iters, True
+    else:
+        epochs = int(train_cfg["epochs"])
+        warmup, total, per_step = int(train_cfg.get("warmup_epochs", method.warmup_epochs)), epochs, False
+    if schedule == "poly":
+        power, ratio = float(train_cfg.get("poly_power", 1.0)), float(train_cfg.get("warmup_ratio", 1e-6))
+        lr_factor = lambda i: warmup_poly(i, warmup, total, power, ratio)  # noqa: E731
+    else:
+        lr_factor = lambda i: warmup_cosine(i, warmup, total)  # noqa: E731
 
     model = build_model(spec, env).to(device)
     params = parameter_counts(model)
-    flops = forward_flops(model, dctx.image_size, device)
-    optimizer = make_optimizer(method, model, lr, hp)
+    flops = forward_flops(model, task.input_size(dctx), device)
+    optimizer = make_optimizer(method, model, lr, hp, train_cfg)
     checkpoint = env.checkpoint_dir / f"{spec.id}.ckpt.pt" if env.checkpoint_dir else None
+    details: dict[str, Any] = {}  # what the last evaluation kept besides the number (per-class IoU)
 
     def eval_metric(trained: nn.Module) -> dict[str, float]:
-        return {"eval": evaluate(trained, eval_loader, device, task.metric, task.num_classes, amp)}
+        found = task.evaluate(trained, eval_loader, device, dctx, amp)
+        details.clear()
+        details.update({k: v for k, v in found.items() if k != "eval"})
+        return {"eval": found["eval"]}
 
-    result = fit(model, train_loader, optimizer, epochs=epochs,
-                 objective=cross_entropy(float(train_cfg.get("label_smoothing", 0.0))),
-                 lr_factor=lambda e: warmup_cosine(e, warmup, epochs), evaluate=eval_metric, device=device,
+    result = fit(model, train_loader, optimizer, epochs=epochs, objective=task.objective(train_cfg, dctx),
+                 lr_factor=lr_factor, per_step=per_step, evaluate=eval_metric, device=device,
                  amp=amp, generator=generator, checkpoint=checkpoint, checkpoint_every=env.checkpoint_every,
-                 progress=f"{spec.method}/{spec.task} {spec.stage}" if env.progress else None)
+                 progress=f"{spec.method}/{spec.task} {spec.stage}" if env.progress else None,
+                 max_steps=iters, evaluate_every=epochs if iters is not None else 1)
     curve = result.history
     status = result.status
     out: dict[str, Any] = {
         "status": status,
         "metrics": {"eval": curve[-1].get("eval") if status == "ok" and curve else None, "metric": task.metric,
-                    "eval_split": spec.eval_split, "higher_is_better": task.higher_is_better, "lr": lr},
+                    "eval_split": spec.eval_split, "higher_is_better": task.higher_is_better, "lr": lr,
+                    **(details if status == "ok" else {})},
         "curve": curve,
         "params": params,
         "cost": {"forward_flops": flops, "train_images_per_s": result.images_per_s,
                  "train_seconds": round(result.train_seconds, 3), **result.memory},
         "inputs": {"image_size": dctx.image_size, "normalize": spec.data.get("normalize", "backbone"),
-                   "mean": list(dctx.mean), "std": list(dctx.std)},
+                   "mean": list(dctx.mean), "std": list(dctx.std), "train_input": list(task.input_size(dctx))},
         "data_fingerprint": data_fingerprint,
         "weights_fingerprint": _weights_fingerprint(spec, env),
     }
@@ -205,6 +246,17 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     if env.keep_weights and status == "ok":
         out["weights_file"] = str(_save_trained_weights(spec, env, model))
     return out
+
+
+def iteration_budget(train: dict[str, Any], task: str) -> int | None:
+    """``train.iters`` for this task (an integer for every task, or a mapping task -> steps); None: train
+    ``epochs``."""
+    iters = train.get("iters")
+    if isinstance(iters, dict):
+        iters = iters.get(task)
+        if iters is None and train.get("epochs") is None:
+            raise HarnessError(f"train.iters has no entry for task {task} and train.epochs is not set")
+    return int(iters) if iters else None
 
 
 def _seed_worker(worker_id: int) -> None:

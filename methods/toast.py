@@ -230,14 +230,17 @@ class TopDownViT(nn.Module):
         return td
 
     def second_pass(self, shared: torch.Tensor, td: dict[int, torch.Tensor], var_loss: bool = False,
-                    taps: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    taps: dict | None = None, outs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Blocks ``[target, depth)`` with their top-down signals, then the final norm. With ``var_loss``, also
-        the variational loss: per feedback layer, ``MSE(linear_l(out_l.detach()), in_l.detach())``, summed."""
+        the variational loss: per feedback layer, ``MSE(linear_l(out_l.detach()), in_l.detach())``, summed.
+        ``outs`` collects each block's raw output."""
         h, terms = shared, []
         for l in range(self.target, self.depth):
             if taps is not None:
                 taps[("second", l)] = h
             out = top_down_block(self.backbone.blocks[l], h, td.get(l), self.v_bias_twice)
+            if outs is not None:
+                outs[l] = out
             if var_loss and l in td:
                 terms.append(F.mse_loss(self.decoders[str(l)].linear(out.detach()), h.detach()))
             h = out
@@ -258,6 +261,18 @@ class TopDownViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_detailed(x).features)
+
+    def block_outputs(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        """The second pass's raw outputs of blocks ``indices`` (tokens, before the final norm), for a dense head
+        (segmentation). Blocks below the feedback span are shared by both passes, so theirs come from the first."""
+        taps: dict = {}
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(grad):
+            shared, top = self.first_pass(x, taps)
+        selected, _ = self.select(top)
+        outs: dict[int, torch.Tensor] = {}
+        self.second_pass(shared, self.feedback(selected), outs=outs)
+        return [outs[l] if l in outs else taps[("first", l + 1)] for l in indices]
 
     def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Paper Fig. 4 panels, each B x grid_h x grid_w: the first pass's last-layer CLS attention (head average),
@@ -535,7 +550,9 @@ class ToastMethod(Method):
     grid = TOAST_GRID
     #: v_bias_twice None: the checkpoint's setting (official files: True), False without one; see the module doc
     defaults = {"train_P": True, "v_bias_twice": None, "frozen_eval": True}
-    hparam_keys = ("pretuned_backbone", "drop_path")
+    #: ``seg_feedback``: the feedback span on segmentation tasks (default :attr:`seg_feedback`)
+    hparam_keys = ("pretuned_backbone", "drop_path", "seg_feedback")
+    hparam_choices = {"seg_feedback": FEEDBACK_KINDS}
     needs = ("toast-pretuned",)
     suite_sections = ("pretune",)
 
@@ -548,25 +565,46 @@ class ToastMethod(Method):
     token_selection = True
     pretuned = True
     train_feedback = True
+    #: the feedback span on segmentation tasks: from the middle block (paper §4.4 and §5: "feedback from the middle
+    #: layer instead of the last layer gives better performance"); ``seg_feedback: full`` selects the regular one
+    seg_feedback = "early"
 
-    def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any]) -> TopDownViT:
+    def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any],
+                   feedback: str | None = None) -> TopDownViT:
         hp = {**self.defaults, **hparams}
         freeze(backbone)
-        return TopDownViT(backbone, num_classes, feedback=self.feedback, token_selection=self.token_selection,
-                          v_bias_twice=bool(hp["v_bias_twice"]), frozen_eval=bool(hp["frozen_eval"]))
+        return TopDownViT(backbone, num_classes, feedback=feedback or self.feedback,
+                          token_selection=self.token_selection, v_bias_twice=bool(hp["v_bias_twice"]),
+                          frozen_eval=bool(hp["frozen_eval"]))
 
     def build(self, backbone, num_classes: int, ctx: BuildContext) -> TopDownViT:
         """The model; with a pre-tuned module loaded (and its settings applied: ``model.checkpoint_settings``) unless
         the method starts from a random one or the build is for inspection only."""
-        model = self.make_model(backbone, num_classes, ctx.hparams)
+        return self._build(backbone, num_classes, ctx)
+
+    def _build(self, backbone, num_classes: int, ctx: BuildContext, feedback: str | None = None) -> TopDownViT:
+        model = self.make_model(backbone, num_classes, ctx.hparams, feedback)
         if self.pretuned and not ctx.random_init:
             path = ctx.resolve_artifact("toast-pretuned")
             report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")),
                                    hparams=ctx.hparams, method=self.name or "toast")
-            if report.unexpected:
+            # a narrower span than the module was pre-tuned for uses the decoders of its own layers only
+            if report.unexpected and (feedback or self.feedback) == self.feedback:
                 warnings.warn(f"{path}: {report.summary()}", stacklevel=2)
         self.set_trainable(model, {**self.defaults, **ctx.hparams})
         return model
+
+    def build_segmentation(self, backbone: nn.Module, task, ctx: BuildContext) -> nn.Module:
+        """The engine's segmentation model on the second pass's block outputs, with feedback from the middle block
+        by default (``seg_feedback``; docs/protocol.md §9.4). The pre-tuned module's decoders of the fed-back
+        layers are loaded; what trains is what :meth:`set_trainable` says, plus the decode heads."""
+        from harness.api import segmentation_model
+
+        kind = str(ctx.hparams.get("seg_feedback") or self.seg_feedback)
+        if kind not in FEEDBACK_KINDS:
+            raise HarnessError(f"{self.name}: seg_feedback {kind!r} is not one of {', '.join(FEEDBACK_KINDS)}")
+        model = self._build(backbone, task.num_classes, ctx, feedback=kind)
+        return segmentation_model(model, backbone, task, ctx, features=model.block_outputs)
 
     def set_trainable(self, model: TopDownViT, hp: dict[str, Any]) -> None:
         freeze(model)
@@ -599,11 +637,13 @@ class ToastLite(ToastMethod):
 class ToastEarly(ToastMethod):
     description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
     feedback = "early"
+    seg_feedback = "early"
 
 
 class ToastLate(ToastMethod):
     description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
     feedback = "late"
+    seg_feedback = "late"
 
 
 class ToastNoPretune(ToastMethod):

@@ -36,6 +36,9 @@ INDEX: dict[str, str] = {
     "vtab-dsprites_ori": "tasks.vtab",
     "vtab-smallnorb_azi": "tasks.vtab",
     "vtab-smallnorb_ele": "tasks.vtab",
+    # semantic segmentation: VOC2012 and Cityscapes in their own layouts (tasks/segmentation.py)
+    "seg-voc": "tasks.segmentation",
+    "seg-cityscapes": "tasks.segmentation",
 }
 
 #: artifacts (weights, checkpoints) that task families know how to make: name -> registering module
