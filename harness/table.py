@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.api import TASKS
 from harness.plan import Cell, cell_state
+from harness.reference import Comparison, reference_csv, reference_rows
 from harness.store import Store
 from harness.sweep import Suite
 
@@ -82,7 +83,7 @@ def summarize(frame: pd.DataFrame, methods: list[str], tasks: list[str], n_seeds
     for (method, task), rows in frame.groupby(["method", "task"]):
         values = rows["value"]
         cells[(method, task)] = {"mean": float(values.mean()), "std": float(values.std(ddof=0)),
-                                 "n": int(values.size),
+                                 "n": int(values.size), "values": [float(v) for v in values],
                                  "disagree": seeds_disagree([float(v) for v in values], chance_level(task))}
     groups: dict[str, list[str]] = {}
     for task in tasks:
@@ -100,12 +101,55 @@ def summarize(frame: pd.DataFrame, methods: list[str], tasks: list[str], n_seeds
     for method, rows in frame.groupby("method"):
         cost[method] = {k: rows[k].dropna().mean() if rows[k].notna().any() else None
                         for k in ("trainable", "head", "total", "flops", "throughput", "memory")}
-    return {"cells": cells, "groups": groups, "means": means, "cost": cost, "n_seeds": n_seeds}
+    return {"cells": cells, "groups": groups, "means": means, "cost": cost, "n_seeds": n_seeds,
+            "methods": list(methods), "tasks": list(tasks)}
+
+
+def suite_summary(suite: Suite, store: Store, methods: list[str] | None = None,
+                  tasks: list[str] | None = None) -> dict[str, Any]:
+    """The summary a table (and a figure) is computed from: :func:`summarize` over the counted final records."""
+    tasks = tasks or suite.tasks
+    methods = methods or suite.methods
+    return summarize(final_frame(suite, store, methods, tasks), methods, tasks, len(suite.seeds))
+
+
+#: the mark of a cell that differs from ``--compare``'s method beyond the seeds' noise
+DIFFERS = "‡"
+
+
+def welch_tests(summary: dict[str, Any], reference: str, alpha: float = 0.05) -> dict[tuple[str, str], float]:
+    """Per (method, task) with at least 2 seeds on both sides: the p-value of Welch's t-test (unequal variances)
+    between its per-seed values and ``reference``'s on the same task. A cell differs when p < ``alpha``; cells with
+    fewer seeds are absent (untested). Seeds with zero spread on both sides and different means give p = 0."""
+    import warnings
+
+    from scipy.stats import ttest_ind
+
+    out: dict[tuple[str, str], float] = {}
+    cells = summary["cells"]
+    for (method, task), cell in cells.items():
+        ref = cells.get((reference, task))
+        if method == reference or ref is None or cell["n"] < 2 or ref["n"] < 2:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # identical seeds: scipy warns, p is nan (or 0)
+            p = float(ttest_ind(cell["values"], ref["values"], equal_var=False).pvalue)
+        out[(method, task)] = 1.0 if math.isnan(p) else p
+    return out
+
+
+def compare_footnote(reference: str, alpha: float) -> str:
+    return (f"{DIFFERS} differs from {reference} beyond the seeds' noise: Welch's t-test over the per-seed values, "
+            f"p < {alpha:g}; cells with fewer than 2 seeds on either side are not tested")
 
 
 def build_table(suite: Suite, store: Store, methods: list[str] | None = None, tasks: list[str] | None = None,
-                fmt: str = "markdown", extra: tuple[str, ...] = ("params",), missing: list[str] | None = None) -> str:
-    """The table as text. ``missing``, when given, receives the keys of the cells that have no value."""
+                fmt: str = "markdown", extra: tuple[str, ...] = ("params",), missing: list[str] | None = None,
+                compare: str | None = None, alpha: float = 0.05, reference: Comparison | None = None) -> str:
+    """The table as text. ``missing``, when given, receives the keys of the cells that have no value. ``compare``
+    names a method: per task, the cells whose seeds differ from its seeds beyond their noise (Welch's t-test,
+    p < ``alpha``) are marked ‡ with a footnote. ``reference`` adds the paper's number and our delta per cell: two
+    rows under each method (``↳ paper``, ``↳ Δ``), or ``<column>_paper`` / ``<column>_delta`` csv columns."""
     import pandas as pd
     from tabulate import tabulate
 
@@ -114,10 +158,21 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
     frame = final_frame(suite, store, methods, tasks)
     s = summarize(frame, methods, tasks, len(suite.seeds))
     footnotes = [f"† {m}/{t}: seeds disagree: {c['disagree']}" for (m, t), c in s["cells"].items() if c["disagree"]]
+    if compare is not None and compare not in methods:
+        from harness.errors import HarnessError
+        raise HarnessError(f"--compare {compare}: not one of the table's methods ({', '.join(methods)}); "
+                           "add it to --methods")
+    pvalues = welch_tests(s, compare, alpha) if compare is not None else {}
+    differs = {key for key, p in pvalues.items() if p < alpha}
+    if compare is not None:
+        footnotes.append(compare_footnote(compare, alpha))
     if missing is not None:
         missing += [f"{m}/{t}" for m in methods for t in tasks if (m, t) not in s["cells"]]
     ordered_tasks = [t for members in s["groups"].values() for t in members]
     group_cols = [g for g in s["groups"] if g and len(s["groups"]) > 1]
+    paper = reference.cells(methods, s["groups"]) if reference is not None else {}
+    if reference is not None:
+        footnotes.append(reference.describe(paper))
 
     if fmt == "csv":
         rows = []
@@ -129,10 +184,18 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
                 row[f"{task}_std"] = cell["std"] if cell else None
                 row[f"{task}_n"] = cell["n"] if cell else 0
                 row[f"{task}_disagree"] = bool(cell and cell["disagree"])
+                if compare is not None:
+                    row[f"{task}_welch_p"] = pvalues.get((method, task))
+                    row[f"{task}_differs"] = (method, task) in differs
             for group in group_cols + ["mean"]:
                 row[group] = s["means"].get((method, group))
+            if reference is not None:
+                row.update(reference_csv(method, s, ordered_tasks, group_cols, paper))
             row.update(_cost_columns(s["cost"].get(method), extra, numeric=True))
             rows.append(row)
+        if compare is not None:  # the footnote's content as columns: the CSV stays one table (the CLI prints it)
+            for row in rows:
+                row.update({"compare": compare, "alpha": alpha})
         return pd.DataFrame(rows).to_csv(index=False, float_format="%.4f")
 
     value_cols = ordered_tasks + [f"{g} (mean)" for g in group_cols] + ["mean"]
@@ -149,7 +212,7 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
     best = {col: max(vals.values()) for col, vals in numeric.items() if len(vals) > 1}
 
     def mark(text: str) -> str:
-        return f"\\textbf{{{text}}}" if fmt == "latex" else f"**{text}**"
+        return f"**{text}**"  # LaTeX's renderer turns it into \\textbf
 
     rows = []
     for method in methods:
@@ -167,18 +230,51 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
                 text += f" ({cell['n']}/{s['n_seeds']})"
             if cell is not None and cell["disagree"]:
                 text += "†"
+            if (method, col) in differs:
+                text += DIFFERS
             if col in best and math.isclose(value, best[col], abs_tol=1e-9):
                 text = mark(text)
             row[col] = text
         row.update(_cost_columns(s["cost"].get(method), extra, numeric=False))
         rows.append(row)
+        if reference is not None:
+            rows += reference_rows(method, s, ordered_tasks, group_cols, paper,
+                                   blank=_cost_columns(None, extra, numeric=False))
     table = pd.DataFrame(rows)
-    tablefmt = {"markdown": "pipe", "github": "github", "latex": "latex_raw"}[fmt]
+    if fmt == "latex":
+        return latex_table(table, footnotes)
+    tablefmt = {"markdown": "pipe", "github": "github"}[fmt]
     text = tabulate(table, headers="keys", tablefmt=tablefmt, showindex=False, disable_numparse=True)
     if footnotes:
-        lines = [f"% {line}" if fmt == "latex" else line for line in footnotes]
-        text += "\n\n" + "\n".join(lines)
+        text += "\n\n" + "\n".join(footnotes)
     return text
+
+
+#: LaTeX's special characters, and the table's own marks, as pdflatex reads them (no package beyond booktabs)
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "#": r"\#", "%": r"\%", "&": r"\&", "_": r"\_", "$": r"\$",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "±": r"$\pm$", "†": r"$^\dagger$", DIFFERS: r"$^\ddagger$", MISSING: "--", "<": r"$<$", ">": r"$>$",
+                 "|": r"\textbar{}", "Δ": r"$\Delta$", "↳": r"$\hookrightarrow$", "−": r"$-$"}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` as LaTeX source that typesets as ``text``; ``**x**`` (the best value's mark) becomes \\textbf."""
+    if len(text) > 4 and text.startswith("**") and text.endswith("**"):
+        return f"\\textbf{{{latex_escape(text[2:-2])}}}"
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def latex_table(table: pd.DataFrame, footnotes: list[str]) -> str:
+    """A booktabs tabular (\\usepackage{booktabs}); footnotes follow it as small text, for a table float."""
+    columns = [str(c) for c in table.columns]
+    lines = [f"\\begin{{tabular}}{{l{'c' * (len(columns) - 1)}}}", "\\toprule",
+             " & ".join(latex_escape(c) for c in columns) + r" \\", "\\midrule"]
+    for _, row in table.iterrows():
+        lines.append(" & ".join(latex_escape(str(v)) for v in row) + r" \\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if footnotes:
+        lines += ["", "\\smallskip", "{\\footnotesize"] + [latex_escape(f) + r"\par" for f in footnotes] + ["}"]
+    return "\n".join(lines)
 
 
 def other_settings_hint(suite: Suite, store: Store, flags: str) -> str:

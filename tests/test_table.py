@@ -77,7 +77,7 @@ def test_csv_and_latex(fixed_suite, tmp_path):
     assert csv[0].startswith("method,demo-digits,demo-digits_std,demo-digits_n")
     assert csv[1].startswith("linear,65.0000,5.0000,2")
     latex = build_table(suite, store, fmt="latex")
-    assert "\\textbf{65.0 ± 5.0}" in latex and "\\begin{tabular}" in latex
+    assert "\\textbf{65.0 $\\pm$ 5.0}" in latex and "\\begin{tabular}" in latex
 
 
 # ----------------------------------------------------------------------------- the table follows the protocol
@@ -142,7 +142,7 @@ def test_seeds_that_disagree_are_marked_with_a_footnote(fixed_suite, tmp_path):
     finetune = next(line for line in text.splitlines() if line.startswith("| finetune"))
     assert "†" in linear and "†" not in finetune
     assert "† linear/demo-digits: seeds disagree: a seed at 11.0 (chance 10.0) while another reached 68.0" in text
-    assert "% † linear/demo-digits" in build_table(suite, store, fmt="latex")
+    assert "$^\\dagger$ linear/demo-digits: seeds disagree" in build_table(suite, store, fmt="latex")
     csv = build_table(suite, store, fmt="csv")
     assert "demo-digits_disagree" in csv.splitlines()[0] and ",True" in csv.splitlines()[1]
 

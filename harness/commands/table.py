@@ -16,6 +16,9 @@ examples:
   harness table --suite vtab --format latex --columns params,flops
   harness table --suite demo --epochs 2 --seeds 1 --grid-points 1   # the records of that smoke run
   harness table --suite demo --format csv > demo.csv
+  harness table --suite fgvc --compare linear       # ‡: differs from linear beyond the seeds' noise
+  harness table --suite fgvc --reference toast-paper              # + the paper's number and Δ under each row
+  harness table --suite fgvc --reference toast-paper --reference-table 11 --format csv
 
 Rows are methods, columns tasks grouped as the suite groups them, then group means and the mean over tasks.
 Cells are mean ± std over the final seeds of the last-epoch metric; the best value per column is in bold;
@@ -23,6 +26,14 @@ Cells are mean ± std over the final seeds of the last-epoch metric; the best va
 far beyond their usual spread (one near chance, another far above; a footnote says which). '# params (M)' is the
 trainable parameters without the task head. A cell counts exactly the finals of the current search winner (or the
 fixed hyperparameters) under the current settings: records of old grids or earlier winners are never counted.
+--compare M marks ‡, per task, the cells whose seeds differ from M's beyond their noise: Welch's t-test over the
+per-seed values, p < --alpha (cells with fewer than 2 seeds on either side are not tested); csv gets
+<task>_welch_p, <task>_differs, compare and alpha columns (and the footnote on stderr).
+--reference SOURCE (see `harness reference ls`) adds two rows under each method: '↳ paper', the published number
+(– where the paper has none), and '↳ Δ', ours minus the paper's; csv gets <column>_paper and <column>_delta. Only
+the source's headline backbone is compared (TOAST: ViT-B/16 DeiT ImageNet-1k), the lowest table number winning
+when two tables print a cell; --reference-table N takes table N's rows instead. A paper average fills a mean
+column only when it averages exactly that column's tasks.
 """
 
 
@@ -33,6 +44,12 @@ def add_parser(sub) -> None:
     parser.add_argument("--format", default="markdown", choices=FORMATS)
     parser.add_argument("--columns", default="params",
                         help=f"cost columns, comma list of {', '.join(EXTRA_COLUMNS)} (or 'none')")
+    parser.add_argument("--compare", metavar="METHOD",
+                        help="mark the cells that differ from METHOD's beyond the seeds' noise (Welch's t-test)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="--compare's threshold on p (default: 0.05)")
+    parser.add_argument("--reference", metavar="SOURCE",
+                        help="add the published number and our delta per cell (e.g. toast-paper, vpt-paper)")
+    parser.add_argument("--reference-table", metavar="N", help="with --reference: compare with this table only")
     parser.set_defaults(func=main)
 
 
@@ -47,7 +64,28 @@ def main(args: argparse.Namespace) -> int:
 
     store = store_from_args(args)
     missing: list[str] = []
-    print(build_table(suite, store, methods=methods, tasks=tasks, fmt=args.format, extra=extra, missing=missing))
+    compare = None
+    if args.compare:
+        matched = select_names(suite, args.compare, None)[0]  # a typo gets did-you-mean
+        if len(matched) != 1:
+            raise HarnessError(f"--compare takes one method; '{args.compare}' matches {', '.join(matched)}")
+        compare = matched[0]
+    reference = None
+    if args.reference_table and not args.reference:
+        raise HarnessError("--reference-table needs --reference SOURCE")
+    if args.reference:
+        from harness.reference import Comparison, load, select_table
+
+        numbers = load(args.reference)  # an unknown source or table fails before any record is read
+        if args.reference_table:
+            select_table(numbers, args.reference, args.reference_table)
+        reference = Comparison(args.reference, args.reference_table)
+    print(build_table(suite, store, methods=methods, tasks=tasks, fmt=args.format, extra=extra, missing=missing,
+                      compare=compare, alpha=args.alpha, reference=reference))
+    if compare is not None and args.format == "csv":  # csv has no footnotes: its columns say compare and alpha
+        from harness.table import compare_footnote
+
+        print(compare_footnote(compare, args.alpha), file=sys.stderr)
     if missing:
         hint = other_settings_hint(suite, store, override_flags(suite.overrides))
         if hint:

@@ -1,0 +1,66 @@
+"""`harness table --format latex` is LaTeX that compiles: specials escaped in headers and cells, booktabs rules,
+± and the footnote marks in math mode. The compile check needs pdflatex (.ci/run installs it) and is skipped
+without it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from harness.store import Store
+from harness.sweep import load_suite
+from harness.table import build_table, latex_escape
+from test_table import fixed_suite, put  # noqa: F401  (fixed_suite is a fixture)
+
+DOCUMENT = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n%s\n\\end{document}\n"
+
+
+def test_specials_are_escaped():
+    assert latex_escape("# params (M)") == r"\# params (M)"
+    assert latex_escape("a_b & 5% {x} $y ~ ^ \\") == (r"a\_b \& 5\% \{x\} \$y \textasciitilde{} "
+                                                      r"\textasciicircum{} \textbackslash{}")
+    assert latex_escape("65.0 ± 5.0†‡") == r"65.0 $\pm$ 5.0$^\dagger$$^\ddagger$"
+    assert latex_escape("**65.0 ± 5.0**") == r"\textbf{65.0 $\pm$ 5.0}"
+    assert latex_escape("–") == "--"
+
+
+@pytest.fixture
+def latex(fixed_suite, tmp_path):  # noqa: F811
+    """A table with everything LaTeX could trip on: '#' in a header, ±, bold, a partial cell, a missing mean,
+    the † of seeds that disagree and the ‡ of --compare, with their footnotes."""
+    suite = load_suite(fixed_suite())
+    store = Store(tmp_path / "results")
+    put(store, suite, "linear", "demo-digits", [60.0, 61.0])
+    put(store, suite, "finetune", "demo-digits", [90.0, 90.5])  # ‡: far from linear's seeds
+    put(store, suite, "linear", "demo-position", [12.0, 68.0])  # † (chance is 11.1)
+    put(store, suite, "finetune", "demo-position", [50.0])  # (1/2): not tested
+    return build_table(suite, store, fmt="latex", extra=("params", "flops", "memory"), compare="linear")
+
+
+def test_latex_table_is_booktabs_with_escaped_text(latex):
+    lines = latex.splitlines()
+    assert lines[0].startswith("\\begin{tabular}{l") and lines[1] == "\\toprule" and lines[3] == "\\midrule"
+    assert "\\bottomrule" in lines and "\\hline" not in latex
+    assert "\\# params (M)" in lines[2] and "GFLOPs/img" in lines[2]
+    assert "# params" not in latex.replace("\\# params", "")
+    assert "±" not in latex and "†" not in latex and "‡" not in latex and "–" not in latex
+    assert "40.0 $\\pm$ 28.0$^\\dagger$" in latex and "\\textbf{50.0 (1/2)}" in latex
+    assert "\\textbf{90.2 $\\pm$ 0.2$^\\ddagger$}" in latex  # best, and differs from linear
+    assert "$^\\dagger$ linear/demo-position: seeds disagree" in latex
+    assert "$^\\ddagger$ differs from linear beyond the seeds' noise: Welch's t-test" in latex
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None,
+                    reason="pdflatex is not installed (apt-get install texlive-latex-base "
+                           "texlive-latex-recommended; .ci/run does)")
+def test_latex_table_compiles(latex, tmp_path):
+    tex = tmp_path / "table.tex"
+    tex.write_text(DOCUMENT % latex)
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (tmp_path / "table.pdf").read_bytes().startswith(b"%PDF-")
+    log = (tmp_path / "table.log").read_text(errors="replace")
+    assert "Missing character" not in log  # nothing silently dropped from the output
