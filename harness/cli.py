@@ -9,7 +9,8 @@ import sys
 
 from harness.errors import HarnessError
 
-COMMANDS = ("run", "table", "status", "ls", "pretune", "attention", "data")
+COMMANDS = ("run", "table", "status", "ls", "pretune", "attention", "data", "plot", "reference", "baseline", "regress",
+            "nightly")
 
 DESCRIPTION = """\
 Benchmark transfer-learning methods (linear probe, fine-tune, VPT, LoRA, TOAST, ...) on vision suites
@@ -22,6 +23,7 @@ examples:
   harness table --suite demo --format github
   harness status --suite demo
   harness ls methods 'vpt*'
+  harness regress --suite nightly --baseline results/baselines/nightly.json   # exit 1 when a cell regressed
 """
 
 

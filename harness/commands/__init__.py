@@ -25,6 +25,10 @@ def add_suite_args(parser: argparse.ArgumentParser, overrides: bool = True) -> N
     parser.add_argument("--methods", help="comma list of methods, wildcards allowed (default: the suite's)")
     parser.add_argument("--tasks", help="comma list of tasks or task lists, wildcards allowed (default: the suite's)")
     add_results_arg(parser)
+    parser.add_argument("--run-id", metavar="ID",
+                        help="the records of run ID, a store of its own under <results>/_runs/ID/ (run: 'auto' "
+                             "names a new run by the UTC time, the same ID resumes; elsewhere: 'latest' is the "
+                             "suite's most recent run)")
     if not overrides:
         return
     group = parser.add_argument_group("overrides (part of every trial spec: they never mix with full-protocol records)")
@@ -51,8 +55,37 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
     )
 
 
-def store_from_args(args: argparse.Namespace) -> Store:
-    return Store(args.results if args.results is not None else default_results_dir())
+def results_dir(args: argparse.Namespace) -> Path:
+    return args.results if args.results is not None else default_results_dir()
+
+
+def store_from_args(args: argparse.Namespace, suite: Suite | None = None, start: bool = False) -> Store:
+    """The results store, or with ``--run-id`` that run's own store (:mod:`harness.runs`). ``start`` (``harness
+    run``): the run may be new (``auto`` becomes a new id, written back to ``args.run_id``); otherwise it must
+    exist (``latest``: the suite's most recent run)."""
+    results = results_dir(args)
+    run_id = getattr(args, "run_id", None)
+    if not run_id:
+        return Store(results)
+    from harness import runs
+
+    if start or getattr(args, "dry_run", False):  # the run's store; start_run_from_args records the run
+        if run_id == "auto":
+            args.run_id = run_id = runs.new_run_id()
+        return Store(runs.run_folder(results, run_id))
+    suite = suite or suite_from_args(args)
+    return runs.open_run(results, run_id, suite.name).store
+
+
+def start_run_from_args(args: argparse.Namespace, suite: Suite) -> None:
+    """With ``--run-id``: create or resume the run (its folder and ``run.json``: commit, time, command line). Called
+    by ``harness run`` once everything was checked, so a refused run leaves no empty night behind."""
+    if not getattr(args, "run_id", None):
+        return
+    from harness import runs
+
+    run = runs.start_run(results_dir(args), args.run_id, suite.name, executor=getattr(args, "executor", None))
+    print(f"run {run.run_id}: records under {run.folder}")
 
 
 def cache_dir() -> Path:

@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from harness.api import METHODS, TASKS
-from harness.commands import add_suite_args, cache_dir, formatter, store_from_args, suite_from_args
+from harness.commands import (add_suite_args, cache_dir, formatter, start_run_from_args, store_from_args,
+                              suite_from_args)
 from harness.errors import HarnessError
 from harness.plan import (Cell, cell_state, final_specs, fixed_hparams, plan_cells, planned_trial_count,
                           search_specs, select_names)
@@ -28,6 +29,7 @@ examples:
   harness run --suite demo --executor local --workers 2               # cells as parallel local processes
   harness run --suite fgvc --methods toast,lora --executor slurm --partition gpu --gpus 1 --time 600
   harness run --suite vtab --executor slurm --sbatch constraint=a100 --setup 'module load cuda'
+  harness run --suite nightly --run-id auto          # a run of its own (<results>/_runs/<UTC time>/): trains again
 """
 
 
@@ -103,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
         raise HarnessError(f"unknown executor '{args.executor}'{did_you_mean(args.executor, EXECUTORS)}")
     suite = suite_from_args(args)
     method_names, task_names = select_names(suite, args.methods, args.tasks)
-    store = store_from_args(args)
+    store = store_from_args(args, suite, start=True)
     env = TrialEnv(cache_dir=cache_dir(), data_root=suite.data_root, data_roots=dict(suite.data.get("roots") or {}),
                    progress=not args.no_progress, keep_weights=args.keep_weights, results_root=store.root)
     cells = plan_cells(method_names, task_names)
@@ -124,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(tabulate(rows, headers="keys", tablefmt="simple"))
         return 0
+    start_run_from_args(args, suite)
     executor = EXECUTORS[args.executor]
     ran = pending > 0
     if not ran:

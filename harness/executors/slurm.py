@@ -103,10 +103,46 @@ def run_slurm(suite: Suite, cells: list[Cell], store: Store, env: TrialEnv, args
     return EXIT_UNFINISHED if dead else EXIT_COMPLETE
 
 
+def array_ids(entries: list[dict[str, Any]]) -> list[str]:
+    """The distinct SLURM job ids (an array's id, not ``<id>_<index>``) of ledger entries, in order."""
+    return list(dict.fromkeys(str(e["job_id"]).split("_")[0] for e in entries if e.get("executor") == "slurm"))
+
+
+def live_jobs(folder: Path, suite: Suite, cells: list[Cell]) -> list[dict[str, Any]]:
+    """The ledger entries of the given cells whose latest job is still queued or running."""
+    latest = Ledger(folder).latest()
+    tokens = {cell_token(suite, cell) for cell in cells}
+    entries = [entry for token, entry in latest.items() if token in tokens]
+    views = job_views(entries, finished=False)
+    return [entry for entry in entries if (view := views.get(entry["token"])) is not None and view.alive]
+
+
+def submit_after(fn: Any, folder: Path, name: str, settings: JobSettings, after: list[str],
+                 time_min: int = 30) -> str:
+    """Submit ``fn`` (a picklable callable) as one small job (1 CPU, no GPU; the settings' partition, account,
+    qos and setup lines) that SLURM starts once every job in ``after`` has ended, whatever its outcome
+    (``--dependency=afterany:<id>:...``; an array id waits for all its elements). Returns the job id."""
+    executor = submitit.AutoExecutor(folder=folder / "slurm" / "%j", cluster="slurm")
+    params: dict[str, Any] = {
+        "name": name, "timeout_min": time_min, "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1,
+        "slurm_partition": settings.partition, "slurm_account": settings.account, "slurm_qos": settings.qos,
+        "slurm_setup": settings.setup or None,
+        "slurm_additional_parameters": {"dependency": "afterany:" + ":".join(after)} if after else None,
+    }
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    try:
+        job = executor.submit(fn)
+    except submitit.core.utils.FailedJobError as err:
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        raise HarnessError(f"sbatch refused the job: {lines[-1] if lines else err}") from None
+    drop_template_dir(folder / "slurm")
+    return str(job.job_id)
+
+
 def status_hint(args: argparse.Namespace) -> str:
     """The `harness status` command that selects the same trials as this run."""
     parts = ["harness status", f"--suite {args.suite}"]
-    for flag in ("methods", "tasks", "results", "epochs", "seeds", "grid_points", "backbone", "weights"):
+    for flag in ("methods", "tasks", "results", "run_id", "epochs", "seeds", "grid_points", "backbone", "weights"):
         value = getattr(args, flag, None)
         if value is not None:
             parts.append(f"--{flag.replace('_', '-')} {value}")
