@@ -2,7 +2,9 @@
 
 Layout: ``<results>/<suite>/<method>/<task>/<stage>-<trial id>.json``. A record is valid when it parses, has the
 required fields, a known status, and its id equals the hash of its spec. Anything else is reported as a problem
-and never counted; the trial runs again and its new record replaces the bad one.
+and never counted; the trial runs again and its new record replaces the bad one. A run's records (``--run-id``, a
+nightly) live in a store of their own, ``<results>/_runs/<run id>/`` (:mod:`harness.runs`), which a scan of
+``<results>`` skips, so they never mix into the normal tables.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.files import atomic_write_json, file_lock  # noqa: F401 TEMP until tasks/demo.py uses harness.api
+from harness.files import atomic_write_json
 from harness.plan import Cell, TrialSpec, trial_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,7 +111,8 @@ class Store:
             return []
         found = []
         for path in sorted(base.rglob("*.json")):
-            if path.name.startswith(".") or "_jobs" in path.relative_to(base).parts:
+            parts = path.relative_to(base).parts
+            if path.name.startswith(".") or "_jobs" in parts or "_runs" in parts or path.name == "run.json":
                 continue
             record = self._check(path)
             if record is not None:

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from harness.api import ARTIFACTS, TASKS, ArtifactRequest, DataContext, Task
-from harness.store import file_lock
+from harness.api import (INCEPTION_MEAN, INCEPTION_STD, TASKS, ArtifactRequest, DataContext, Task,
+                         file_lock)
+from harness.errors import HarnessError
 
 SIZE = 32
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -219,15 +220,18 @@ def cached_arrays(cache_dir: Path, key: str, make) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def normalize(images: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W, scaled to [0, 1] then normalised with the context's mean/std
+    (the demo backbone's own: 0.5/0.5, so pixels land in [-1, 1])."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
 class DemoTask(Task):
     family = "demo"
     splits = SPLITS
+    deterministic_train = True  # generated tensors, no augmentation
 
     def __init__(self, name: str, group: str, num_classes: int, generator, total: int, seed: int):
         self.name, self.group, self.num_classes = name, group, num_classes
@@ -247,7 +251,8 @@ class DemoTask(Task):
     def dataset(self, split: str, ctx: DataContext, train: bool):
         arrays = self.arrays(ctx.cache_dir)
         sel = self.indices(split)
-        return TensorDataset(normalize(arrays["images"][sel]), torch.from_numpy(arrays["labels"][sel]))
+        images = normalize(arrays["images"][sel], ctx.mean, ctx.std)
+        return TensorDataset(images, torch.from_numpy(arrays["labels"][sel]))
 
     def fingerprint(self, split: str, ctx: DataContext) -> str:
         text = json.dumps([self.name, self.seed, self.total, DATA_VERSION, split])
@@ -283,54 +288,51 @@ TASKS.add("demo-upstream", UpstreamTask())
 UPSTREAM = {"epochs": 15, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "pos_embed_std": 0.5, "seed": 0}
 
 
-@ARTIFACTS.register("demo-backbone")
 def demo_backbone(request: ArtifactRequest) -> Path:
-    """Pre-train the suite's backbone on the upstream data once; later calls return the cached weight file."""
+    """Pre-train the suite's backbone on the upstream data once; later calls return the cached weight file. The
+    upstream images are normalised as the trials' inputs are (the request's data context), so pre-training and
+    tuning see the same pixels; an interrupted pre-training resumes from its last finished epoch."""
+    data = request.data
+    mean, std = (tuple(data.mean), tuple(data.std)) if data is not None else (INCEPTION_MEAN, INCEPTION_STD)
     spec = {"name": request.backbone["name"], "model_args": request.backbone.get("model_args") or {},
-            "upstream": UPSTREAM, "version": DATA_VERSION}
+            "upstream": UPSTREAM, "version": DATA_VERSION, "mean": list(mean), "std": list(std)}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     path = request.cache_dir / "artifacts" / f"demo-backbone-{key}.pth"
     if path.exists():
         return path
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():
-            _pretrain_backbone(spec, request.cache_dir, path)
+            _pretrain_backbone(spec, request.cache_dir, path, progress=request.progress)
     return path
 
 
-def _pretrain_backbone(spec: dict[str, Any], cache_dir: Path, path: Path) -> None:
+def _pretrain_backbone(spec: dict[str, Any], cache_dir: Path, path: Path, progress: bool = True) -> None:
+    """Supervised pre-training through the engine's one loop (``harness.api.fit``): AdamW, one warm-up epoch then
+    cosine, the recipe in UPSTREAM."""
     import timm
-    from tqdm.auto import tqdm
 
-    from harness.train import seed_everything, warmup_cosine
+    from harness.api import fit, pick_device, seed_everything, warmup_cosine
 
     seed_everything(UPSTREAM["seed"])
     upstream = TASKS.get("demo-upstream")
     model = timm.create_model(spec["name"], pretrained=False, num_classes=upstream.num_classes, **spec["model_args"])
     with torch.no_grad():
         model.pos_embed.normal_(0.0, UPSTREAM["pos_embed_std"])
-    ctx = DataContext(data_root=None, cache_dir=cache_dir, image_size=SIZE)
-    data = upstream.dataset("train", ctx, train=True)
-    loader = torch.utils.data.DataLoader(data, batch_size=UPSTREAM["batch_size"], shuffle=True,
-                                         generator=torch.Generator().manual_seed(UPSTREAM["seed"]))
+    device = pick_device()
+    model.to(device)
+    ctx = DataContext(data_root=None, cache_dir=cache_dir, image_size=SIZE, mean=tuple(spec["mean"]),
+                      std=tuple(spec["std"]))
+    generator = torch.Generator().manual_seed(UPSTREAM["seed"])
+    loader = torch.utils.data.DataLoader(upstream.dataset("train", ctx, train=True),
+                                         batch_size=UPSTREAM["batch_size"], shuffle=True, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=UPSTREAM["lr"], weight_decay=UPSTREAM["weight_decay"])
     epochs = UPSTREAM["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: warmup_cosine(e + 1, 1, epochs + 1))
-    model.train()
-    bar = tqdm(range(epochs), desc="pre-training the demo backbone (once)", unit="ep")
-    for _ in bar:
-        correct = seen = 0
-        for images, labels in loader:
-            logits = model(images)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-        scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}")
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    result = fit(model, loader, optimizer, epochs=epochs, lr_factor=lambda e: warmup_cosine(e + 1, 1, epochs + 1),
+                 device=device, generator=generator, checkpoint=path.with_name(path.stem + ".ckpt.pt"),
+                 progress="pre-training the demo backbone (once)" if progress else None)
+    if result.status != "ok":  # a fixed recipe on fixed data: only a broken change gets here
+        raise HarnessError(f"pre-training the demo backbone diverged in epoch {len(result.history)}")
+    state = {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith("head.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
