@@ -185,7 +185,8 @@ def history_figure(nights: list[dict], baseline: dict | None, title: str) -> Fig
         tol = baseline.get("tolerance")
         if tol is not None:
             low, high = ref - float(tol), ref + float(tol)
-            ax.axhspan(low, high, color="#4C72B0", alpha=0.12, linewidth=0, label=f"baseline ± {float(tol):g}")
+            ax.axhspan(low, high, color="#4C72B0", alpha=0.12, linewidth=0,
+                       label=f"baseline ± {float(tol):.2f} (tolerance)")
         ax.axhline(ref, color="#4C72B0", linestyle="--", linewidth=1.2, label=f"baseline {ref:.1f}")
     ok = [n for n in nights if _number(n.get("mean")) is not None]
     failed = [n for n in nights if _number(n.get("mean")) is None]
