@@ -40,7 +40,7 @@ METHOD_NAMES: dict[str, str] = {
     "Fine-tune (ViT-L)": "finetune",  # TOAST Table 10; its backbone column says ViT-L
     "Alpaca": "finetune",  # TOAST Tables 4/14: Alpaca is LLaMA-7B fully fine-tuned
     # TOAST's text (section 4) describes its VPT baseline as deep prompts ("the input as well as each intermediate
-    # layer"); its code had deep prompts disabled until after the paper (PROTOCOL.md section 1.7.4)
+    # layer"); its code had deep prompts disabled until after the paper (docs/protocol.md §4.1, §11)
     "VPT": "vpt-deep",
     "VPT-deep": "vpt-deep",
     "VPT-shallow": "vpt-shallow",
@@ -66,7 +66,7 @@ _VTAB = {
     "CLEVR-count": "clevr_count", "CLEVR-cnt": "clevr_count", "Kitti": "kitti", "Dmlab": "dmlab",
     "NORB-azi": "smallnorb_azi", "NORB-ele": "smallnorb_ele", "dSprites-pos": "dsprites_loc",
     "dSprites-ori": "dsprites_ori",
-    # VPT paper (as PROTOCOL.md section 6 abbreviates its columns)
+    # VPT paper (its tables' column names, abbreviated as its Table 1 prints them)
     "cifar": "cifar", "caltech": "caltech101", "dtd": "dtd", "flowers": "oxford_flowers102",
     "pets": "oxford_iiit_pet", "svhn": "svhn", "sun": "sun397", "camelyon": "patch_camelyon", "eurosat": "eurosat",
     "resisc": "resisc45", "retino": "diabetic_retinopathy", "clevr-count": "clevr_count", "clevr-dist": "clevr_dist",
