@@ -104,6 +104,11 @@ class Method(abc.ABC):
     defaults: dict[str, Any] = {}
     #: artifacts the method needs resolved before it can build (e.g. a pre-tuned top-down checkpoint)
     needs: tuple[str, ...] = ()
+    #: what of the model is frozen and may be computed once and cached (:mod:`harness.features`): ``"pooled"``
+    #: says the model is ``head(backbone(x))`` with every backbone weight frozen, so the engine may train and
+    #: evaluate ``model.head`` on cached ``backbone(x)`` where the task's training transforms are deterministic;
+    #: None: nothing (the model runs on images)
+    frozen_features: str | None = None
     #: top-level suite sections this method reads (e.g. TOAST's ``pretune``); they are copied into its trial
     #: specs, so changing them changes its trial ids and nobody else's
     suite_sections: tuple[str, ...] = ()
@@ -194,6 +199,9 @@ class Task(abc.ABC):
     splits: tuple[str, ...] = ()
     metric: str = "top1"
     higher_is_better: bool = True
+    #: whether the training transforms are deterministic (no random crops, flips or other augmentation): a
+    #: method's frozen computation may then be cached (:mod:`harness.features`); False refuses the cache
+    deterministic_train: bool = False
     #: keys of a suite's ``data:`` section this task reads besides the engine's (root, roots, image_size,
     #: normalize), e.g. VTAB's ``preprocess``; suite files are validated against them
     data_keys: tuple[str, ...] = ()

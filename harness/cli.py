@@ -10,7 +10,7 @@ import sys
 from harness.errors import HarnessError
 
 COMMANDS = ("run", "table", "status", "ls", "pretune", "attention", "data", "plot", "reference", "baseline", "regress",
-            "nightly")
+            "nightly", "bench")
 
 DESCRIPTION = """\
 Benchmark transfer-learning methods (linear probe, fine-tune, VPT, LoRA, TOAST, ...) on vision suites
@@ -23,6 +23,7 @@ examples:
   harness table --suite demo --format github
   harness status --suite demo
   harness ls methods 'vpt*'
+  harness bench --backbone vit_tiny_patch16_224 --batch 16   # step time, FLOPs, memory per method
   harness regress --suite nightly --baseline results/baselines/nightly.json   # exit 1 when a cell regressed
 """
 

@@ -1,4 +1,5 @@
-"""Files written safely: atomic JSON (temp file + rename) and an advisory lock for one-producer caches."""
+"""Files written safely: atomic JSON and ``.npy`` (temp file + rename) and an advisory lock for one-producer
+caches."""
 
 from __future__ import annotations
 
@@ -20,6 +21,24 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=1, sort_keys=True, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: Path, array: Any) -> None:
+    """Save a numpy array as ``.npy`` the same way: temp file in the same folder, fsync, rename."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -111,6 +111,22 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, images: torch.Tensor,
+               labels: torch.Tensor, device: str = "cpu", amp: bool = True
+               ) -> tuple[torch.Tensor, dict[str, float], bool]:
+    """One optimiser step (inputs already on ``device``): the objective under autocast, backward, step. Returns
+    the loss, the objective's logs and whether the loss was finite; a non-finite loss takes no step. :func:`fit`
+    and ``harness bench`` (:mod:`harness.bench`) step through this one function."""
+    with autocast_for(device, amp):
+        loss, logs = objective(model, images, labels)
+    if not torch.isfinite(loss):
+        return loss, logs, False
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logs, True
+
+
 def fit(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -161,14 +177,10 @@ def fit(
                         break
                     images = images.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
-                    with autocast_for(device, amp):
-                        loss, logs = objective(model, images, labels)
-                    if not torch.isfinite(loss):
+                    loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp)
+                    if not finite:
                         result.status = "diverged"
                         break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
                     steps += 1
                     if per_step:
                         scheduler.step()

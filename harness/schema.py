@@ -215,9 +215,12 @@ TRAIN: dict[str, Key] = {
     "eval_batch_size": Key(int, "evaluation batch size (default: 2 x batch_size)", positive=True),
     "lr_scaling": Key(str, "learning rate = base lr (none) or base lr x batch_size / 256", choices=LR_SCALINGS),
     "warmup_epochs": Key(int, "linear warm-up epochs (default: each method's official value)", minimum=0),
-    "num_workers": Key(int, "data-loading worker processes", minimum=0),
+    "num_workers": Key(int, "data-loading worker processes (CUDA only: none on the CPU; capped at the CPUs)",
+                       minimum=0),
     "label_smoothing": Key(NUMBER, "label smoothing of the cross-entropy (default 0)", minimum=0),
     "amp": Key(bool, "mixed precision on GPUs (default true)"),
+    "feature_cache": Key(bool, "cache the frozen part's outputs where exact (the linear probe's features on "
+                               "deterministic tasks; default true)"),
 }
 #: keys of a suite's ``train:`` section, with their types
 TRAIN_KEYS: dict[str, Kind] = {name: key.kind for name, key in TRAIN.items()}

@@ -21,6 +21,7 @@ import os
 import random
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,10 +32,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from harness.api import METHODS, TASKS, BuildContext, DataContext, Method
+from harness.api import METHODS, TASKS, BuildContext, DataContext, Method, Task
 from harness.backbone import build_backbone, file_fingerprint, resolve_weights
 from harness.cost import forward_flops, parameter_counts
 from harness.errors import HarnessError
+from harness.features import feature_loaders, module_fingerprint, refusal
 from harness.inputs import artifact_resolver, data_context
 from harness.loop import autocast_for, fit, pick_device, seed_everything, trainable_state, warmup_cosine, warmup_poly
 from harness.metrics import METRICS
@@ -59,6 +61,8 @@ class TrialEnv:
     checkpoint_every: int = 1
     #: the results folder, so kept weights land next to their record
     results_root: Path | None = None
+    #: the frozen-computation cache (:mod:`harness.features`) where a method and task allow it (``--no-cache``)
+    feature_cache: bool = True
 
     def data_context(self, spec: TrialSpec) -> DataContext:
         data = dict(spec.data)
@@ -72,14 +76,36 @@ class TrialEnv:
                                  overrides=spec.overrides, data_root=self.data_root, progress=self.progress)
 
 
-def backbone_spec_for(method: Method, spec: TrialSpec, task_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The trial's backbone spec with the method's extra model arguments (drop-path when ``frozen_eval`` is off)
-    and the task's (``task_args``: a segmentation task's dynamic input size); an explicit ``backbone.model_args``
-    entry wins."""
-    backbone = dict(spec.backbone)
-    backbone["model_args"] = {**(task_args or {}), **method.backbone_args(spec.hparams),
+def backbone_spec_for(method: Method, backbone: dict[str, Any], hparams: dict[str, Any],
+                      task_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A backbone spec with the method's extra model arguments for these ``hparams`` (drop-path when
+    ``frozen_eval`` is off) and the task's (``task_args``: a segmentation task's dynamic input size); an explicit
+    ``backbone.model_args`` entry wins."""
+    backbone = dict(backbone)
+    backbone["model_args"] = {**(task_args or {}), **method.backbone_args(hparams),
                               **(backbone.get("model_args") or {})}
     return backbone
+
+
+def assemble_model(method: Method, backbone: dict[str, Any], hparams: dict[str, Any], *, cache_dir: Path,
+                   device: str = "cpu", suite: str = "", task: Task | None = None, num_classes: int | None = None,
+                   data: DataContext | None = None, resolve: Callable[[str], Path] | None = None,
+                   random_init: bool = False) -> nn.Module:
+    """Backbone + method, the way every trial builds them (no data is read): the timm backbone of ``backbone``
+    with the method's and the task's model arguments, then the task's model of the method (``task.build_model``),
+    or without a task ``method.build`` with a ``num_classes`` head. ``random_init``: built to be measured only
+    (``harness bench``), so the method resolves no artifact (TOAST's pre-tuned module) and starts from its random
+    initialisation. The caller seeds."""
+    task_args = task.backbone_args(data) if task is not None and data is not None else {}
+    model_backbone = build_backbone(backbone_spec_for(method, backbone, hparams, task_args), resolve)
+    extra = {"resolve_artifact": resolve} if resolve is not None else {}
+    ctx = BuildContext(hparams=hparams, suite=suite, cache_dir=cache_dir, device=device, task=task, data=data,
+                       random_init=random_init, **extra)
+    if task is not None:
+        return task.build_model(method, model_backbone, ctx)
+    if num_classes is None:
+        raise ValueError("assemble_model: num_classes is needed when no task is given")
+    return method.build(model_backbone, num_classes, ctx)
 
 
 def build_model(spec: TrialSpec, env: TrialEnv) -> nn.Module:
@@ -88,10 +114,8 @@ def build_model(spec: TrialSpec, env: TrialEnv) -> nn.Module:
     resolve = env.resolver(spec)
     dctx = env.data_context(spec)
     seed_everything(spec.seed)
-    backbone = build_backbone(backbone_spec_for(method, spec, task.backbone_args(dctx)), resolve)
-    ctx = BuildContext(hparams=spec.hparams, suite=spec.suite, cache_dir=env.cache_dir, device=env.device, task=task,
-                       data=dctx, resolve_artifact=resolve)
-    return task.build_model(method, backbone, ctx)
+    return assemble_model(method, spec.backbone, spec.hparams, cache_dir=env.cache_dir, device=env.device,
+                          suite=spec.suite, task=task, data=dctx, resolve=resolve)
 
 
 def make_optimizer(method: Method, model: nn.Module, lr: float, hparams: dict[str, Any],
@@ -141,10 +165,20 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def loader_workers(requested: int) -> int:
+def loader_workers(requested: int, device: str | None = None) -> int:
     """Data-loader worker processes: as the suite asks, capped at the CPUs this process may use (8 workers on a
-    2-CPU machine only thrash, and torch warns on every trial)."""
+    2-CPU machine only thrash, and torch warns on every trial); none when training on the CPU (``device``), where
+    the model's own threads already use every core and workers would only compete with them."""
+    if device is not None and not str(device).startswith("cuda"):
+        return 0
     return max(0, min(int(requested), usable_cpus()))
+
+
+def loader_options(requested: int, device: str) -> dict[str, Any]:
+    """A trial's data-loader settings on ``device``: worker processes (:func:`loader_workers`) and pinned memory on
+    CUDA only."""
+    workers = loader_workers(requested, device)
+    return {"num_workers": workers, "pin_memory": str(device).startswith("cuda"), "persistent_workers": workers > 0}
 
 
 def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
@@ -180,17 +214,14 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     train_set = task.dataset(spec.train_split, dctx, train=True)
     eval_set = task.dataset(spec.eval_split, dctx, train=False)
     data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
-    workers = loader_workers(int(train_cfg.get("num_workers", 0)))
-    cuda = device.startswith("cuda")
+    loading = loader_options(int(train_cfg.get("num_workers", 0)), device)
     generator = torch.Generator().manual_seed(spec.seed)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                              num_workers=workers, pin_memory=cuda,
                               drop_last=iters is not None and len(train_set) >= batch_size,  # full batches
                               collate_fn=task.collate(True),
-                              worker_init_fn=_seed_worker if workers else None, persistent_workers=workers > 0)
+                              worker_init_fn=_seed_worker if loading["num_workers"] else None, **loading)
     eval_loader = DataLoader(eval_set, batch_size=int(train_cfg.get("eval_batch_size", 2 * batch_size)),
-                             shuffle=False, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
-                             collate_fn=task.collate(False))
+                             shuffle=False, collate_fn=task.collate(False), **loading)
     schedule = str(train_cfg.get("schedule", "cosine"))
     if iters is not None:  # an iteration budget: per-step schedule, as many passes as it takes, one evaluation
         epochs = math.ceil(iters / max(1, len(train_loader)))
@@ -208,6 +239,18 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     params = parameter_counts(model)
     flops = forward_flops(model, task.input_size(dctx), device)
     optimizer = make_optimizer(method, model, lr, hp, train_cfg)
+    fit_model, feature_cache = model, "off"
+    reason = refusal(method, task, model, train_cfg, env.feature_cache)
+    if reason is None and not all(data_fingerprint.values()):
+        reason = f"task {task.name} gives no data fingerprint"
+    if reason is None:  # train and evaluate the head on the frozen backbone's cached features
+        fit_model, loaders = feature_loaders(model, {"train": train_loader, "eval": eval_loader},
+                                             _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
+                                             env.cache_dir, device, amp, env.progress)
+        train_loader, eval_loader = loaders["train"], loaders["eval"]
+        feature_cache = "used"
+    else:
+        feature_cache = f"off: {reason}"
     checkpoint = env.checkpoint_dir / f"{spec.id}.ckpt.pt" if env.checkpoint_dir else None
     details: dict[str, Any] = {}  # what the last evaluation kept besides the number (per-class IoU)
 
@@ -217,7 +260,7 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
         details.update({k: v for k, v in found.items() if k != "eval"})
         return {"eval": found["eval"]}
 
-    result = fit(model, train_loader, optimizer, epochs=epochs, objective=task.objective(train_cfg, dctx),
+    result = fit(fit_model, train_loader, optimizer, epochs=epochs, objective=task.objective(train_cfg, dctx),
                  lr_factor=lr_factor, per_step=per_step, evaluate=eval_metric, device=device,
                  amp=amp, generator=generator, checkpoint=checkpoint, checkpoint_every=env.checkpoint_every,
                  progress=f"{spec.method}/{spec.task} {spec.stage}" if env.progress else None,
@@ -237,6 +280,7 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
                    "mean": list(dctx.mean), "std": list(dctx.std), "train_input": list(task.input_size(dctx))},
         "data_fingerprint": data_fingerprint,
         "weights_fingerprint": _weights_fingerprint(spec, env),
+        "feature_cache": feature_cache,
     }
     settings = getattr(model, "checkpoint_settings", None)
     if settings:  # settings a loaded checkpoint brought with it (e.g. TOAST's v_bias_twice)
@@ -246,6 +290,19 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     if env.keep_weights and status == "ok":
         out["weights_file"] = str(_save_trained_weights(spec, env, model))
     return out
+
+
+def _feature_keys(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, model: nn.Module, dctx: DataContext,
+                  data_fingerprint: dict[str, str], amp: bool) -> dict[str, dict[str, Any]]:
+    """What defines the cached features of the train and eval splits: the backbone's weights (their values) and
+    spec, the task's data and split, the transform, the inputs' size and normalisation, the precision."""
+    base = {"task": task.name, "weights": module_fingerprint(model.backbone),
+            "backbone": backbone_spec_for(method, spec.backbone, spec.hparams, task.backbone_args(dctx)),
+            "image_size": dctx.image_size, "mean": list(dctx.mean), "std": list(dctx.std),
+            "settings": dctx.settings, "data_root": str(dctx.data_root),
+            "precision": "bf16" if amp and env.device.startswith("cuda") else "fp32"}
+    return {"train": {**base, "split": spec.train_split, "data": data_fingerprint[spec.train_split], "train": True},
+            "eval": {**base, "split": spec.eval_split, "data": data_fingerprint[spec.eval_split], "train": False}}
 
 
 def iteration_budget(train: dict[str, Any], task: str) -> int | None:

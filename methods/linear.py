@@ -15,6 +15,8 @@ class LinearProbe(Method):
     grid = {"lr": [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
     defaults = {"frozen_eval": True}
     hparam_keys = ("drop_path",)
+    #: head(backbone(x)) with the backbone frozen: trained on cached pooled features where the task allows
+    frozen_features = "pooled"
 
     def build(self, backbone, num_classes: int, ctx: BuildContext):
         freeze(backbone)

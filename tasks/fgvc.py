@@ -70,6 +70,7 @@ class FgvcTask(ListTask):
     family = "fgvc"
     group = "fgvc"
     splits = FGVC_SPLITS
+    deterministic_train = False  # random crops and flips
 
     def __init__(self, name: str, folder: str, images: str, num_classes: int) -> None:
         self.name, self.folder, self.images, self.num_classes = name, folder, images, num_classes

@@ -82,6 +82,7 @@ class VtabTask(ListTask):
 
     family = "vtab"
     splits = VTAB_SPLITS
+    deterministic_train = True  # no augmentation: the same transform for train and eval
     data_keys = (*ListTask.data_keys, "preprocess")
 
     def __init__(self, folder: str, num_classes: int, group: str) -> None:

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--keep-weights", action="store_true",
                         help="save each trial's trained (trainable) weights next to its record")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="no frozen-computation cache: the linear probe runs its frozen backbone on every batch")
     parser.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     add_cluster_args(parser)
     parser.set_defaults(func=main)
@@ -107,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
     method_names, task_names = select_names(suite, args.methods, args.tasks)
     store = store_from_args(args, suite, start=True)
     env = TrialEnv(cache_dir=cache_dir(), data_root=suite.data_root, data_roots=dict(suite.data.get("roots") or {}),
-                   progress=not args.no_progress, keep_weights=args.keep_weights, results_root=store.root)
+                   progress=not args.no_progress, keep_weights=args.keep_weights, results_root=store.root,
+                   feature_cache=not getattr(args, "no_cache", False))
     cells = plan_cells(method_names, task_names)
     preflight(suite, cells, env, resolve_artifacts=not args.dry_run)
     rows, pending = plan_summary(suite, cells, store)

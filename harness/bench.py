@@ -1,0 +1,360 @@
+"""``harness bench``: what one training step of each method costs on one backbone, all measured in one run.
+
+For a timm backbone with random weights (nothing is downloaded) and a batch size, each method's model is built the
+way a trial builds it (:func:`harness.train.assemble_model`; with ``random_init``, as cost accounting builds it, so
+TOAST's pre-tuned module is not resolved and starts random) and trained on random images through the training
+loop's own step (:func:`harness.loop.train_step`: forward, backward and the optimiser step over exactly the
+parameters the method leaves trainable, with its own optimiser; bf16 autocast on CUDA). Per method:
+
+* ``step_ms``: median wall time of one training step over ``repeats`` steps after ``warmup`` steps;
+* ``images_per_s``: batch / step time;
+* ``forward_flops``: forward FLOPs per image, counted as trial records count them
+  (:func:`harness.cost.forward_flops`);
+* ``peak_memory_bytes``: :class:`harness.cost.PeakMemory` over building and training the method: CUDA max
+  allocated on a GPU; on the CPU the growth of the process RSS, which memory freed by an earlier method hides
+  (read memory on a GPU);
+* ``vs_finetune``: step time / finetune's step time (when finetune is benched), and ``vs_forward``: step time /
+  the plain backbone's forward on the same batch (inference mode), measured in the same run.
+
+:func:`run_grid` (``harness bench --grid``) times a whole linear-probe search of one cell end to end, without and
+with the frozen-computation cache (:mod:`harness.features`), and the largest difference of their per-epoch metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+
+#: the demo's and the nightly suite's six methods
+HEADLINE_METHODS = ("linear", "finetune", "vpt-deep", "lora", "toast", "toast-lite")
+DEFAULT_BACKBONE = "vit_base_patch16_224"
+#: the optimiser settings every method is stepped with (timing does not depend on their values)
+BENCH_HPARAMS = {"lr": 1e-3, "weight_decay": 1e-4}
+#: the CSV's columns, in order
+COLUMNS = ("method", "status", "step_ms", "step_ms_min", "step_ms_max", "images_per_s", "forward_flops",
+           "peak_memory_bytes", "peak_memory_kind", "trainable", "head", "total", "optimized_params", "vs_finetune",
+           "vs_forward", "forward_ms", "backbone_forward_flops", "backbone", "batch", "image_size", "device",
+           "amp", "warmup", "repeats", "error")
+
+
+@dataclass
+class BenchConfig:
+    """One bench run. ``backbone`` is a backbone spec (``name``, ``model_args``; weights are always random)."""
+
+    backbone: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_BACKBONE})
+    methods: Sequence[str] = HEADLINE_METHODS
+    batch: int = 32
+    #: input size; None: the backbone's own. Given, it is also the backbone's ``img_size`` unless model_args say
+    image_size: int | None = None
+    warmup: int = 2
+    repeats: int = 5
+    num_classes: int = 100
+    #: hyperparameters for every method that accepts the key (e.g. ``prompt_length``)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    amp: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("batch", "repeats", "num_classes"):
+            if int(getattr(self, name)) < 1:
+                raise HarnessError(f"bench: {name} must be at least 1, got {getattr(self, name)}")
+        if int(self.warmup) < 0:
+            raise HarnessError(f"bench: warmup must be 0 or more, got {self.warmup}")
+        if self.image_size is not None and int(self.image_size) < 1:
+            raise HarnessError(f"bench: image size must be positive, got {self.image_size}")
+
+
+def backbone_spec(config: BenchConfig) -> dict[str, Any]:
+    """The backbone spec benched: random weights; ``image_size`` as the model's ``img_size`` unless given."""
+    spec = dict(config.backbone)
+    spec["weights"] = None
+    model_args = dict(spec.get("model_args") or {})
+    if config.image_size is not None:
+        model_args.setdefault("img_size", int(config.image_size))
+    spec["model_args"] = model_args
+    return spec
+
+
+def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
+    """Bench every method of ``config``; one row (see :data:`COLUMNS`) per method, in the order given. A method
+    that cannot build or step on this backbone gets ``status`` ``failed`` and its error, and the others go on."""
+    import torch
+
+    from harness.api import METHODS
+    from harness.backbone import build_backbone
+    from harness.cost import forward_flops, reference_image_size
+    from harness.loop import autocast_for, pick_device, seed_everything
+
+    config.check()
+    names = METHODS.match(list(config.methods))
+    device = config.device or pick_device()
+    spec = backbone_spec(config)
+    steps = config.warmup + config.repeats
+    bar = _progress(config.progress, total=steps * (len(names) + 1))
+    try:
+        seed_everything(config.seed)
+        try:
+            backbone = build_backbone(spec).to(device).eval()
+        except TypeError as err:  # timm passes unknown model arguments on to the constructor
+            raise HarnessError(f"backbone {spec['name']}: bad model argument ({err})") from None
+        size = int(config.image_size or reference_image_size(backbone))
+        generator = torch.Generator().manual_seed(config.seed)
+        images = torch.randn(config.batch, 3, size, size, generator=generator).to(device)
+        labels = torch.randint(0, config.num_classes, (config.batch,), generator=generator).to(device)
+
+        def forward() -> None:
+            with torch.inference_mode(), autocast_for(device, config.amp):
+                backbone(images)
+
+        bar.set_description("backbone forward")
+        forward_ms = _median_ms(forward, device, config, bar)
+        backbone_flops = forward_flops(backbone, size, device)
+        del backbone
+        rows = []
+        for name in names:
+            bar.set_description(name)
+            row: dict[str, Any] = {"method": name}
+            try:
+                row.update(_bench_method(METHODS.get(name), config, spec, device, size, images, labels, bar))
+                row["status"] = "ok"
+            except Exception as err:  # noqa: BLE001 - one method that cannot run must not hide the others
+                row.update(status="failed", error=f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
+            _release(device)
+            rows.append(row)
+    finally:
+        bar.close()
+    reference = next((r["step_ms"] for r in rows if r["method"] == "finetune" and r["status"] == "ok"), None)
+    for row in rows:
+        ok = row["status"] == "ok"
+        row.update(forward_ms=forward_ms, backbone_forward_flops=backbone_flops, backbone=spec["name"],
+                   batch=config.batch, image_size=size, device=device, amp=bool(config.amp), warmup=config.warmup,
+                   repeats=config.repeats)
+        row["vs_finetune"] = row["step_ms"] / reference if ok and reference else None
+        row["vs_forward"] = row["step_ms"] / forward_ms if ok and forward_ms else None
+    return [{column: row.get(column) for column in COLUMNS} for row in rows]
+
+
+def bench_hparams(method: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a method is benched with: its defaults, the optimiser settings, and the ``extra``
+    keys it accepts."""
+    accepted = method.accepted_hparams()
+    return {**method.defaults, **BENCH_HPARAMS, **{k: v for k, v in extra.items() if k in accepted}}
+
+
+def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device: str, size: int, images, labels,
+                  bar) -> dict[str, Any]:
+    from harness.cost import PeakMemory, forward_flops, parameter_counts
+    from harness.loop import cross_entropy, seed_everything, train_step
+    from harness.store import default_cache_dir
+    from harness.train import assemble_model, make_optimizer
+
+    hparams = bench_hparams(method, config.hparams)
+    objective = cross_entropy()
+    finite = True
+    with PeakMemory(device) as memory:
+        seed_everything(config.seed)
+        model = assemble_model(method, spec, hparams, cache_dir=default_cache_dir(), device=device,
+                               num_classes=config.num_classes, random_init=True).to(device)
+        optimizer = make_optimizer(method, model, float(hparams["lr"]), hparams)
+        model.train()
+
+        def step() -> None:
+            nonlocal finite
+            finite = train_step(model, optimizer, objective, images, labels, device, config.amp)[2] and finite
+
+        times = _times_ms(step, device, config, bar, after=memory.sample)
+    counts = parameter_counts(model)
+    optimized = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    flops = forward_flops(model, size, device)
+    del model, optimizer
+    out: dict[str, Any] = {
+        "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
+        "forward_flops": flops, **memory.result(), **counts, "optimized_params": optimized,
+    }
+    out["images_per_s"] = config.batch / (out["step_ms"] / 1000.0)
+    if not finite:
+        out["error"] = "a non-finite loss skipped some steps"
+    return out
+
+
+def _times_ms(fn: Callable[[], None], device: str, config: BenchConfig, bar,
+              after: Callable[[], None] | None = None) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised);
+    ``after`` runs untimed after each call."""
+    times = []
+    for i in range(config.warmup + config.repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= config.warmup:
+            times.append((time.perf_counter() - t0) * 1000.0)
+        if after is not None:
+            after()
+        bar.update(1)
+    return times
+
+
+def _median_ms(fn: Callable[[], None], device: str, config: BenchConfig, bar) -> float:
+    return statistics.median(_times_ms(fn, device, config, bar))
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _progress(enabled: bool, total: int, unit: str = "step"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+# ------------------------------------------------------------------------------------------------- --grid
+#: the CSV's columns of ``--grid``
+GRID_COLUMNS = ("mode", "method", "task", "suite", "points", "seconds", "seconds_per_point", "speedup",
+                "feature_cache", "max_eval_diff", "failed")
+
+
+def run_grid(suite_name: str = "demo", task: str | None = None, grid_points: int | None = None,
+             data_root: str | None = None, progress: bool = True, method: str = "linear") -> list[dict[str, Any]]:
+    """Time one cell's whole linear-probe search end to end (every grid point of the suite's protocol, one after the
+    other: building, training, evaluating each trial), without and then with the frozen-computation cache; one row
+    each. The cached pass builds the features first where they are not cached yet. ``max_eval_diff``: the largest
+    difference between the two passes' per-epoch metrics. Nothing is recorded in the results."""
+    from harness.plan import Cell, search_specs, select_tasks
+    from harness.store import default_cache_dir
+    from harness.sweep import load_suite
+    from harness.train import TrialEnv, run_trial
+
+    suite = load_suite(suite_name, grid_points=grid_points, data_root=data_root)
+    task = select_tasks(suite, task)[0]
+    specs = search_specs(suite, Cell(method, task))
+    if not specs:
+        raise HarnessError(f"suite {suite.name} has no search stage for {method}/{task} (protocol "
+                           f"{suite.protocol['kind']})")
+    bar = _progress(progress, total=2 * len(specs), unit="trial")
+    rows, curves = [], []
+    try:
+        for cache in (False, True):
+            bar.set_description(f"{method}/{task} {'cache' if cache else 'no cache'}")
+            env = TrialEnv(cache_dir=default_cache_dir(), data_root=suite.data_root,
+                           data_roots=dict(suite.data.get("roots") or {}), progress=False, feature_cache=cache)
+            t0 = time.perf_counter()
+            records = []
+            for spec in specs:
+                records.append(run_trial(spec, env))
+                bar.update(1)
+            seconds = time.perf_counter() - t0
+            rows.append({"mode": "cache" if cache else "no cache", "method": method, "task": task,
+                         "suite": suite.name, "points": len(specs), "seconds": seconds,
+                         "seconds_per_point": seconds / len(specs), "feature_cache": records[0].get("feature_cache"),
+                         "failed": sum(r["status"] != "ok" for r in records)})
+            curves.append([[e.get("eval") for e in r.get("curve", [])] for r in records])
+    finally:
+        bar.close()
+    diffs = [abs(a - b) for ra, rb in zip(*curves) for a, b in zip(ra, rb) if a is not None and b is not None]
+    rows[1]["speedup"] = rows[0]["seconds"] / rows[1]["seconds"] if rows[1]["seconds"] else None
+    rows[1]["max_eval_diff"] = max(diffs) if diffs else None
+    return [{column: row.get(column) for column in GRID_COLUMNS} for row in rows]
+
+
+def grid_table(rows: list[dict[str, Any]]) -> str:
+    from tabulate import tabulate
+
+    lines = [{"mode": r["mode"], "points": r["points"], "seconds": f"{r['seconds']:.1f}",
+              "s/point": f"{r['seconds_per_point']:.2f}",
+              "speed-up": "–" if r["speedup"] is None else f"x{r['speedup']:.1f}",
+              "feature cache": r["feature_cache"], "max |Δ metric|": "–" if r["max_eval_diff"] is None
+              else f"{r['max_eval_diff']:.2g}", "failed": r["failed"]} for r in rows]
+    first = rows[0]
+    return (tabulate(lines, headers="keys", tablefmt="simple", disable_numparse=True)
+            + f"\n\n{first['method']} search on {first['task']} (suite {first['suite']}), end to end; the cached pass "
+              "builds the features first where they are not cached yet.")
+
+
+# ------------------------------------------------------------------------------------------------- output
+def bench_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a printed table, with a footnote: what was benched and the plain forward's time."""
+    from tabulate import tabulate
+
+    def num(value: Any, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    lines = []
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append({"method": row["method"], "trainable (M)": f"failed: {row['error']}"[:100]})
+            continue
+        lines.append({
+            "method": row["method"],
+            "trainable (M)": f"{row['trainable'] / 1e6:.3f}",
+            "head (M)": f"{row['head'] / 1e6:.3f}",
+            "step (ms)": f"{row['step_ms']:.1f}",
+            "img/s": f"{row['images_per_s']:.1f}",
+            "GFLOPs/img": "–" if row["forward_flops"] is None else f"{row['forward_flops'] / 1e9:.3f}",
+            "peak mem (MB)": f"{row['peak_memory_bytes'] / 2**20:.0f}",
+            "x finetune": num(row["vs_finetune"], ".2f"),
+            "x forward": num(row["vs_forward"], ".2f"),
+        })
+    text = tabulate(lines, headers="keys", tablefmt="simple", disable_numparse=True)
+    if rows:
+        first = rows[0]
+        flops = first["backbone_forward_flops"]
+        kind = next((r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")), "")
+        text += (f"\n\n{first['backbone']} (random weights), batch {first['batch']}, {first['image_size']}px, "
+                 f"{first['device']}{' bf16' if first['amp'] and str(first['device']).startswith('cuda') else ''}"
+                 f"{'' if str(first['device']).startswith('cuda') else _threads()}; "
+                 f"median of {first['repeats']} train steps after {first['warmup']} warm-up. "
+                 f"'x forward': step time / the plain backbone forward on the same batch "
+                 f"({first['forward_ms']:.1f} ms, {'–' if flops is None else f'{flops / 1e9:.3f}'} GFLOPs/img); "
+                 "'x finetune': step time / finetune's. '# trainable' excludes the head."
+                 + (" Peak memory on the CPU is RSS growth (memory an earlier method freed is reused: read it on "
+                    "a GPU)." if kind == "cpu_rss_delta" else ""))
+    return text
+
+
+def _threads() -> str:
+    import torch
+
+    n = torch.get_num_threads()
+    return f" ({n} thread{'' if n == 1 else 's'})"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: Sequence[str] = COLUMNS) -> Path:
+    """One row per method (``columns``: :data:`COLUMNS`, or :data:`GRID_COLUMNS`); written to a temporary file and
+    renamed (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def default_csv_path(results: Path, config: BenchConfig, device: str) -> Path:
+    return results / "bench" / f"{config.backbone['name']}-b{config.batch}-{device.replace(':', '')}.csv"

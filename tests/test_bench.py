@@ -1,0 +1,164 @@
+"""``harness bench`` (one training step per method, FLOPs, memory, ratios) and the no-wasted-work rules of a step:
+only trainable parameters reach the optimiser, evaluation runs under inference mode, data-loader workers and
+pinned memory only on CUDA."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from conftest import TINY_BACKBONE
+from torch import nn
+
+from harness.api import METHODS
+from harness.bench import HEADLINE_METHODS
+
+#: TINY_BACKBONE as bench flags: 32x32 images, patch 8, width 32, 2 blocks
+TINY_FLAGS = ["--backbone", TINY_BACKBONE["name"], "--image-size", "32",
+              *[f"--model-arg={k}={v}" for k, v in TINY_BACKBONE["model_args"].items() if k != "img_size"]]
+
+
+@pytest.fixture(scope="module")
+def bench_csv(tmp_path_factory) -> tuple[list[dict[str, str]], str]:
+    from harness.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "bench.csv"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import contextlib
+        import io
+
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(["bench", *TINY_FLAGS, "--batch", "4", "--warmup", "1", "--repeats", "2", "--device", "cpu",
+                         "--num-classes", "10", "--threads", "1", "--no-progress", "--out", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0, printed.getvalue()
+    with open(out, newline="") as fh:
+        return list(csv.DictReader(fh)), printed.getvalue()
+
+
+def test_bench_writes_one_row_per_method_with_times_and_ratios(bench_csv) -> None:
+    rows, printed = bench_csv
+    assert [r["method"] for r in rows] == list(HEADLINE_METHODS)
+    for row in rows:
+        assert row["status"] == "ok", row["error"]
+        assert float(row["step_ms"]) > 0 and float(row["images_per_s"]) > 0 and float(row["forward_ms"]) > 0
+        assert float(row["step_ms_min"]) <= float(row["step_ms"]) <= float(row["step_ms_max"])
+        assert float(row["vs_forward"]) == pytest.approx(float(row["step_ms"]) / float(row["forward_ms"]))
+        assert row["batch"] == "4" and row["image_size"] == "32" and row["repeats"] == "2"
+    by_name = {r["method"]: r for r in rows}
+    assert float(by_name["finetune"]["vs_finetune"]) == 1.0
+    assert float(by_name["linear"]["vs_finetune"]) == pytest.approx(
+        float(by_name["linear"]["step_ms"]) / float(by_name["finetune"]["step_ms"]))
+    for column in ("step (ms)", "img/s", "GFLOPs/img", "peak mem (MB)", "x finetune", "x forward"):
+        assert column in printed
+    assert "wrote " in printed and "cpu (1 thread)" in printed
+
+
+def test_bench_steps_exactly_what_the_method_trains(bench_csv) -> None:
+    rows, _ = bench_csv
+    by_name = {r["method"]: r for r in rows}
+    linear = by_name["linear"]
+    assert int(linear["trainable"]) == 0 and int(linear["head"]) == 32 * 10 + 10
+    assert int(linear["optimized_params"]) == int(linear["head"])  # the head only
+    finetune = by_name["finetune"]
+    assert int(finetune["optimized_params"]) == int(finetune["total"])
+    for row in rows:
+        assert int(row["optimized_params"]) == int(row["trainable"]) + int(row["head"])
+
+
+def test_bench_flops_are_the_cost_modules_count(bench_csv) -> None:
+    from harness.backbone import build_backbone
+    from harness.cost import forward_flops, method_cost
+
+    rows, _ = bench_csv
+    for row in rows:
+        expected = method_cost(METHODS.get(row["method"]), TINY_BACKBONE, 10, image_size=32)["flops"]
+        assert int(row["forward_flops"]) == expected, row["method"]
+    assert int(rows[0]["backbone_forward_flops"]) == forward_flops(build_backbone(TINY_BACKBONE), 32)
+
+
+def test_bench_refuses_bad_input_with_one_line(capsys) -> None:
+    from harness.cli import main
+
+    assert main(["bench", "--backbone", "vit_tiny_patch16_22", "--no-progress"]) == 2
+    assert "unknown timm backbone 'vit_tiny_patch16_22'" in capsys.readouterr().err
+    assert main(["bench", *TINY_FLAGS, "--methods", "lineer", "--no-progress"]) == 2
+    assert "unknown method 'lineer'; did you mean: linear?" in capsys.readouterr().err
+    assert main(["bench", *TINY_FLAGS, "--batch", "0", "--no-progress"]) == 2
+    assert "batch must be at least 1" in capsys.readouterr().err
+    assert main(["bench", *TINY_FLAGS, "--model-arg", "depth", "--no-progress"]) == 2
+    assert "--model-arg expects key=value" in capsys.readouterr().err
+    assert main(["bench", *TINY_FLAGS, "--threads", "0", "--no-progress"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+# -- no wasted work in a step ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", HEADLINE_METHODS)
+def test_the_optimizer_holds_exactly_the_trainable_parameters(name: str, tmp_path) -> None:
+    """Frozen parameters get no optimiser state: the groups hold every requires_grad parameter and nothing else."""
+    from harness.bench import bench_hparams
+    from harness.train import assemble_model, make_optimizer
+
+    method = METHODS.get(name)
+    hparams = bench_hparams(method, {})
+    model = assemble_model(method, TINY_BACKBONE, hparams, cache_dir=tmp_path, num_classes=10, random_init=True)
+    optimizer = make_optimizer(method, model, 0.1, hparams)
+    stepped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(stepped) == len(set(stepped))
+    assert set(stepped) == {id(p) for p in model.parameters() if p.requires_grad}
+    if name == "linear":
+        assert set(stepped) == {id(p) for p in model.head.parameters()}
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    nn.functional.cross_entropy(model(images), labels).backward()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # no gradient for frozen weights
+
+
+def test_evaluation_runs_under_inference_mode() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from harness.train import evaluate
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.modes: list[bool] = []
+
+        def forward(self, x):
+            self.modes.append(torch.is_inference_mode_enabled())
+            return self.head(x)
+
+    model = Probe()
+    loader = DataLoader(TensorDataset(torch.randn(6, 4), torch.tensor([0, 1] * 3)), batch_size=4)
+    evaluate(model, loader, "cpu", "top1", 2)
+    assert model.modes == [True, True]
+
+
+def test_data_loader_workers_and_pinned_memory_only_on_cuda() -> None:
+    from harness.train import loader_options, usable_cpus
+
+    assert loader_options(8, "cpu") == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+    workers = min(8, usable_cpus())
+    assert loader_options(8, "cuda") == {"num_workers": workers, "pin_memory": True, "persistent_workers": workers > 0}
+    assert loader_options(0, "cuda:1")["num_workers"] == 0 and loader_options(0, "cuda:1")["pin_memory"]
+
+
+def test_bench_grid_times_a_linear_search_with_and_without_the_cache(make_suite, tmp_path, capsys) -> None:
+    from harness.cli import main
+
+    out = tmp_path / "grid.csv"
+    suite = make_suite(tasks=["demo-digits"])
+    assert main(["bench", "--grid", "--suite", str(suite), "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "linear search on demo-digits" in printed
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["mode"] for r in rows] == ["no cache", "cache"]
+    assert [r["feature_cache"] for r in rows] == ["off: --no-cache", "used"]
+    assert all(r["points"] == "2" and float(r["seconds"]) > 0 and r["failed"] == "0" for r in rows)
+    assert float(rows[1]["max_eval_diff"]) <= 1e-4 and float(rows[1]["speedup"]) > 0
