@@ -8,19 +8,19 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``: readers see the old file
-    or the new one, never half of one."""
+def _atomic_write(path: Path, mode: str, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temp file in ``path``'s folder, fsync, then rename over ``path``: readers see the
+    old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1, sort_keys=True, default=str)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -28,24 +28,18 @@ def atomic_write_json(path: Path, payload: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    _atomic_write(path, "w", lambda fh: json.dump(payload, fh, indent=1, sort_keys=True, default=str))
 
 
 def atomic_save_npy(path: Path, array: Any) -> None:
-    """Save a numpy array as ``.npy`` the same way: temp file in the same folder, fsync, rename."""
+    """Save a numpy array as ``.npy`` atomically (temp file + rename)."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, "wb", lambda fh: np.save(fh, array))
 
 
 @contextlib.contextmanager
