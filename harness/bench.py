@@ -14,7 +14,9 @@ parameters the method leaves trainable, with its own optimiser; bf16 autocast on
   allocated on a GPU; on the CPU the growth of the process RSS, which memory freed by an earlier method hides
   (read memory on a GPU);
 * ``vs_finetune``: step time / finetune's step time (when finetune is benched), and ``vs_forward``: step time /
-  the plain backbone's forward on the same batch (inference mode), measured in the same run.
+  the plain backbone's forward on the same batch (inference mode), measured in the same run;
+* ``method_forward_ms`` and ``forward_vs_backbone``: the method's own forward (eval mode, inference mode) and its
+  ratio to the plain backbone forward (TOAST's two passes and feedback path against one pass).
 
 :func:`run_grid` (``harness bench --grid``) times a whole linear-probe search of one cell end to end, without and
 with the frozen-computation cache (:mod:`harness.features`), and the largest difference of their per-epoch metrics.
@@ -42,7 +44,7 @@ BENCH_HPARAMS = {"lr": 1e-3, "weight_decay": 1e-4}
 #: the CSV's columns, in order
 COLUMNS = ("method", "status", "step_ms", "step_ms_min", "step_ms_max", "images_per_s", "forward_flops",
            "peak_memory_bytes", "peak_memory_kind", "trainable", "head", "total", "optimized_params", "vs_finetune",
-           "vs_forward", "forward_ms", "backbone_forward_flops", "backbone", "batch", "image_size", "device",
+           "vs_forward", "method_forward_ms", "forward_vs_backbone", "forward_ms", "backbone_forward_flops", "backbone", "batch", "image_size", "device",
            "amp", "warmup", "repeats", "error")
 
 
@@ -101,7 +103,7 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     device = config.device or pick_device()
     spec = backbone_spec(config)
     steps = config.warmup + config.repeats
-    bar = _progress(config.progress, total=steps * (len(names) + 1))
+    bar = _progress(config.progress, total=steps * (2 * len(names) + 1))
     try:
         seed_everything(config.seed)
         try:
@@ -142,6 +144,7 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
                    repeats=config.repeats)
         row["vs_finetune"] = row["step_ms"] / reference if ok and reference else None
         row["vs_forward"] = row["step_ms"] / forward_ms if ok and forward_ms else None
+        row["forward_vs_backbone"] = row["method_forward_ms"] / forward_ms if ok and forward_ms else None
     return [{column: row.get(column) for column in COLUMNS} for row in rows]
 
 
@@ -155,7 +158,9 @@ def bench_hparams(method: Any, extra: dict[str, Any]) -> dict[str, Any]:
 def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device: str, size: int, images, labels,
                   bar) -> dict[str, Any]:
     from harness.cost import PeakMemory, forward_flops, parameter_counts
-    from harness.loop import cross_entropy, seed_everything, train_step
+    import torch
+
+    from harness.loop import autocast_for, cross_entropy, seed_everything, train_step
     from harness.store import default_cache_dir
     from harness.train import assemble_model, make_optimizer
 
@@ -174,6 +179,13 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
             finite = train_step(model, optimizer, objective, images, labels, device, config.amp)[2] and finite
 
         times = _times_ms(step, device, config, bar, after=memory.sample)
+    model.eval()
+
+    def infer() -> None:
+        with torch.inference_mode(), autocast_for(device, config.amp):
+            model(images)
+
+    method_forward_ms = _median_ms(infer, device, config, bar)
     counts = parameter_counts(model)
     optimized = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     flops = forward_flops(model, size, device)
@@ -181,6 +193,7 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
     out: dict[str, Any] = {
         "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
         "forward_flops": flops, **memory.result(), **counts, "optimized_params": optimized,
+        "method_forward_ms": method_forward_ms,
     }
     out["images_per_s"] = config.batch / (out["step_ms"] / 1000.0)
     if not finite:
@@ -317,6 +330,7 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
             "peak mem (MB)": f"{row['peak_memory_bytes'] / 2**20:.0f}",
             "x finetune": num(row["vs_finetune"], ".2f"),
             "x forward": num(row["vs_forward"], ".2f"),
+            "fwd x backbone": num(row["forward_vs_backbone"], ".2f"),
         })
     text = tabulate(lines, headers="keys", tablefmt="simple", disable_numparse=True)
     if rows:
@@ -329,7 +343,8 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
                  f"median of {first['repeats']} train steps after {first['warmup']} warm-up. "
                  f"'x forward': step time / the plain backbone forward on the same batch "
                  f"({first['forward_ms']:.1f} ms, {'–' if flops is None else f'{flops / 1e9:.3f}'} GFLOPs/img); "
-                 "'x finetune': step time / finetune's. '# trainable' excludes the head."
+                 "'x finetune': step time / finetune's. 'fwd x backbone': the method's own forward (eval, "
+                 "inference mode) / the plain backbone forward. '# trainable' excludes the head."
                  + (" Peak memory on the CPU is RSS growth (memory an earlier method freed is reused: read it on "
                     "a GPU)." if kind == "cpu_rss_delta" else ""))
     return text

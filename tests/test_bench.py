@@ -49,12 +49,14 @@ def test_bench_writes_one_row_per_method_with_times_and_ratios(bench_csv) -> Non
         assert float(row["step_ms"]) > 0 and float(row["images_per_s"]) > 0 and float(row["forward_ms"]) > 0
         assert float(row["step_ms_min"]) <= float(row["step_ms"]) <= float(row["step_ms_max"])
         assert float(row["vs_forward"]) == pytest.approx(float(row["step_ms"]) / float(row["forward_ms"]))
+        assert float(row["forward_vs_backbone"]) == pytest.approx(
+            float(row["method_forward_ms"]) / float(row["forward_ms"]))
         assert row["batch"] == "4" and row["image_size"] == "32" and row["repeats"] == "2"
     by_name = {r["method"]: r for r in rows}
     assert float(by_name["finetune"]["vs_finetune"]) == 1.0
     assert float(by_name["linear"]["vs_finetune"]) == pytest.approx(
         float(by_name["linear"]["step_ms"]) / float(by_name["finetune"]["step_ms"]))
-    for column in ("step (ms)", "img/s", "GFLOPs/img", "peak mem (MB)", "x finetune", "x forward"):
+    for column in ("step (ms)", "img/s", "GFLOPs/img", "peak mem (MB)", "x finetune", "x forward", "fwd x backbone"):
         assert column in printed
     assert "wrote " in printed and "cpu (1 thread)" in printed
 
