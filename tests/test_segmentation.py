@@ -278,6 +278,14 @@ def test_four_methods_end_to_end_to_the_table(tree, tmp_path, capsys):
         assert "–" not in row
 
 
+def test_the_run_header_names_each_task_crop_not_the_classification_size(tree, capsys):
+    code = main(["run", "--suite", "seg", "--data-root", str(tree), "--methods", "finetune", "--dry-run",
+                 "--no-progress"])
+    assert code == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("backbone "))
+    assert "inputs seg-voc 512x512, seg-cityscapes 512x1024," in header
+
+
 def test_toast_segmentation_feeds_back_from_the_middle_block_by_default(tmp_path):
     import timm
 

@@ -82,15 +82,23 @@ def plan_summary(suite, cells, store) -> tuple[list[dict], int]:
     return rows, pending
 
 
-def describe_inputs(suite, env) -> str:
-    """One line: the backbone, its weights and the input normalisation trials will use."""
+def describe_inputs(suite, env, task_names: list[str]) -> str:
+    """One line: the backbone, its weights, the training input size each task asks for (a segmentation task's
+    crop, else the suite's image size) and the input normalisation trials will use."""
+    from harness.api import TASKS
     from harness.inputs import suite_data_context
 
     ctx = suite_data_context(suite, env.cache_dir)
     backbone = suite.backbone
     mode = suite.data.get("normalize", "backbone")
     stats = f"mean {_fmt(ctx.mean)} std {_fmt(ctx.std)}"
-    return (f"backbone {backbone['name']} (weights: {backbone.get('weights', 'timm')}); inputs {ctx.image_size}px, "
+    sizes = {name: tuple(TASKS.get(name).input_size(ctx)) for name in task_names}
+    if len(set(sizes.values())) <= 1:
+        height, width = next(iter(sizes.values()), (ctx.image_size, ctx.image_size))
+        inputs = f"{height}px" if height == width else f"{height}x{width}"
+    else:
+        inputs = ", ".join(f"{name} {h}x{w}" for name, (h, w) in sizes.items())
+    return (f"backbone {backbone['name']} (weights: {backbone.get('weights', 'timm')}); inputs {inputs}, "
             f"normalize: {mode} ({stats})")
 
 
@@ -125,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     if suite.overrides:
         header += f"; overrides {suite.overrides}"
     print(header)
-    print(describe_inputs(suite, env))
+    print(describe_inputs(suite, env, task_names))
     if args.dry_run:
         print(tabulate(rows, headers="keys", tablefmt="simple"))
         return 0
