@@ -29,6 +29,7 @@ decode (on a sample of ``--sample`` pairs per split; 0: all).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,13 +224,14 @@ class SegTask(SegmentationTask):
                 return base / sub if sub else base
         return base / self.candidates[0]
 
+    @abc.abstractmethod
     def looks_like(self, folder: Path) -> bool:
-        raise NotImplementedError
+        """Whether ``folder`` holds this dataset's layout (used to pick among ``candidates``)."""
 
     # -- what --------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def pairs(self, root: Path, split: str) -> tuple[list[Pair], list[str]]:
         """(image/mask pairs of a split, problems that stop reading it)."""
-        raise NotImplementedError
 
     def to_labels(self, mask: np.ndarray) -> np.ndarray:
         return mask
@@ -262,8 +264,9 @@ class SegTask(SegmentationTask):
                     f"({self.describe_values()}): {shown}")
         return None
 
+    @abc.abstractmethod
     def describe_values(self) -> str:
-        raise NotImplementedError
+        """The allowed label values, for messages (e.g. "0-20 and 255")."""
 
     # -- the interface -----------------------------------------------------------------------------------------
     def dataset(self, split: str, ctx: DataContext, train: bool) -> SegmentationDataset:

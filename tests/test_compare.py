@@ -13,11 +13,11 @@ from harness.cli import main
 from harness.store import Store
 from harness.sweep import load_suite
 from harness.table import build_table, suite_summary, welch_tests
-from test_table import FIXED, fixed_suite, put  # noqa: F401  (fixed_suite is a fixture)
+from records import FIXED, put
 
 
 @pytest.fixture
-def suite_and_store(fixed_suite, tmp_path):  # noqa: F811
+def suite_and_store(fixed_suite, tmp_path):
     """Three seeds per cell. On demo-digits finetune's seeds are far from linear's (→ marked); on demo-position
     they overlap (→ not marked); lora has one seed on demo-digits (→ never tested)."""
     path = fixed_suite(methods=["linear", "finetune", "lora"], protocol={**FIXED["protocol"], "seeds": [42, 43, 44]},
@@ -77,6 +77,8 @@ def test_compare_through_the_cli(suite_and_store, capsys):
     assert main(argv + ["--compare", "linear", "--alpha", "0.01"]) == 0
     out = capsys.readouterr().out
     assert "80.2 ± 1.0‡" in out and "p < 0.01" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "‡" in rows["finetune"] and "‡" not in rows["linear"]  # the reference method is never marked
     assert main(argv + ["--compare", "linaer"]) == 2
     assert "linear" in capsys.readouterr().err  # did-you-mean
     assert main(argv + ["--compare", "linear", "--format", "csv"]) == 0

@@ -144,6 +144,7 @@ def test_two_nights_are_both_kept_a_rerun_resumes_and_nightly_compares(nightly, 
     assert "clean: no regression" in out and (report_dir / "report.html").is_file()
     report = json.loads((report_dir / "report.json").read_text())
     assert report["run"]["run_id"] == "night-3" and report["baseline"]["run_id"] == "night-1"
+    assert report["verdict"] == "clean" and report["exit_code"] == 0
     assert report["cells"][0]["delta"] == 0.0  # same code, same seeds: the same numbers
     assert [r.run_id for r in runs.list_runs(results, "nightly")] == ["night-1", "night-2", "night-3"]
 
