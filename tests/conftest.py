@@ -79,3 +79,15 @@ def make_suite(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture
+def fixed_suite(make_suite):
+    """A suite with the fixed protocol (as FGVC): its finals' hyperparameters are known without a search
+    (``make(**changes)`` returns its path; fill cells with ``records.put``)."""
+    from records import FIXED
+
+    def make(**changes):
+        return str(make_suite(**{**FIXED, **changes}))
+
+    return make

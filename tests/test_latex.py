@@ -12,7 +12,7 @@ import pytest
 from harness.store import Store
 from harness.sweep import load_suite
 from harness.table import build_table, latex_escape
-from test_table import fixed_suite, put  # noqa: F401  (fixed_suite is a fixture)
+from records import put
 
 DOCUMENT = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n%s\n\\end{document}\n"
 
@@ -27,7 +27,7 @@ def test_specials_are_escaped():
 
 
 @pytest.fixture
-def latex(fixed_suite, tmp_path):  # noqa: F811
+def latex(fixed_suite, tmp_path):
     """A table with everything LaTeX could trip on: '#' in a header, ±, bold, a partial cell, a missing mean,
     the † of seeds that disagree and the ‡ of --compare, with their footnotes."""
     suite = load_suite(fixed_suite())

@@ -13,14 +13,14 @@ from harness.figures import figure_to_png_bytes, history_figure, save, task_bars
 from harness.store import Store
 from harness.sweep import load_suite
 from harness.table import build_table, suite_summary
-from test_table import fixed_suite, put  # noqa: F401  (fixed_suite is a fixture)
+from records import put
 
 PNG, PDF = b"\x89PNG\r\n\x1a\n", b"%PDF-"
 TASKS = ["demo-digits", "demo-textures", "demo-position"]
 
 
 @pytest.fixture
-def recorded(fixed_suite, tmp_path):  # noqa: F811
+def recorded(fixed_suite, tmp_path):
     """A three-task suite with linear on every task and finetune on two (its mean over tasks is missing)."""
     path = fixed_suite(tasks=TASKS)
     suite, store = load_suite(path), Store(tmp_path / "results")
@@ -54,7 +54,7 @@ def test_plot_defaults_to_the_results_folder(recorded, capsys):
     assert (store.root / "figures" / "tiny-tradeoff.pdf").exists()
 
 
-def test_plot_without_records_is_an_error(fixed_suite, tmp_path, capsys):  # noqa: F811
+def test_plot_without_records_is_an_error(fixed_suite, tmp_path, capsys):
     assert main(["plot", "--suite", fixed_suite(), "--results", str(tmp_path / "empty")]) == 2
     assert "nothing to plot" in capsys.readouterr().err
 
@@ -86,7 +86,7 @@ def test_bars_are_the_tables_means(recorded):
     assert figure_to_png_bytes(fig).startswith(PNG)
 
 
-def test_tradeoff_points_are_the_mean_over_tasks_against_parameters(recorded, fixed_suite, tmp_path):  # noqa: F811
+def test_tradeoff_points_are_the_mean_over_tasks_against_parameters(recorded, fixed_suite, tmp_path):
     path, suite, store = recorded
     fig = tradeoff(suite_summary(suite, store))
     ax = fig.axes[0]

@@ -5,32 +5,11 @@ from __future__ import annotations
 import pytest
 
 from harness.cli import main
-from harness.plan import Cell, final_specs, fixed_hparams, search_specs
+from harness.plan import Cell, final_specs, search_specs
 from harness.store import Store
 from harness.sweep import load_suite
 from harness.table import build_table
-
-FIXED = {"protocol": {"kind": "fixed", "final": {"train": "train800val200", "eval": "test"}, "seeds": [42, 44]},
-         "fixed": {"linear": {"*": {"lr": 0.1, "weight_decay": 0.0}}, "finetune": {"*": {"lr": 0.1, "weight_decay": 0.0}}}}
-
-
-@pytest.fixture
-def fixed_suite(make_suite):
-    """A suite with the fixed protocol (as FGVC): its finals' hyperparameters are known without a search."""
-
-    def make(**changes):
-        return str(make_suite(**{**FIXED, **changes}))
-
-    return make
-
-
-def put(store, suite, method, task, values, trainable=1000):
-    cell = Cell(method, task)
-    for spec, value in zip(final_specs(suite, cell, fixed_hparams(suite, cell)), values):
-        store.write({"spec": spec, "status": "ok", "metrics": {"eval": value}, "curve": [],
-                     "params": {"trainable": trainable, "head": 10, "total": 5000}, "provenance": {},
-                     "cost": {"forward_flops": 2e9, "train_images_per_s": 100.0}})
-
+from records import put
 
 def test_table_values_come_from_records(fixed_suite, tmp_path):
     suite = load_suite(fixed_suite(tasks=["demo-digits", "demo-textures", "demo-position"]))

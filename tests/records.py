@@ -1,0 +1,19 @@
+"""Records written straight into a store, for tests of what is computed from records (tables, figures, t-tests):
+a suite with the fixed protocol, whose final trials' hyperparameters are known without a search, and ``put`` to
+give a cell's final trials chosen metric values."""
+
+from __future__ import annotations
+
+from harness.plan import Cell, final_specs, fixed_hparams
+
+FIXED = {"protocol": {"kind": "fixed", "final": {"train": "train800val200", "eval": "test"}, "seeds": [42, 44]},
+         "fixed": {"linear": {"*": {"lr": 0.1, "weight_decay": 0.0}}, "finetune": {"*": {"lr": 0.1, "weight_decay": 0.0}}}}
+
+
+def put(store, suite, method, task, values, trainable=1000):
+    """One ok final record per seed of ``method`` on ``task`` with metric ``values`` (in seed order)."""
+    cell = Cell(method, task)
+    for spec, value in zip(final_specs(suite, cell, fixed_hparams(suite, cell)), values):
+        store.write({"spec": spec, "status": "ok", "metrics": {"eval": value}, "curve": [],
+                     "params": {"trainable": trainable, "head": 10, "total": 5000}, "provenance": {},
+                     "cost": {"forward_flops": 2e9, "train_images_per_s": 100.0}})
