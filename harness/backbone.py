@@ -63,7 +63,10 @@ def build_backbone(spec: dict[str, Any], resolve_artifact: Callable[[str], Path]
                                f"{_shorten(str(err), 300)}); without network, pass --weights PATH") from None
     state = None if str(weights).endswith((".npz", ".npy")) else _read_state_dict(weights)
     try:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+        # custom_load says whether timm hands the file to the model's own loader (JAX .npz for a ViT); a name's
+        # default config may set it (augreg weights come as .npz), which timm < 1.0.31 applies to a .pth file too
+        overlay = dict(file=str(weights), custom_load=str(weights).endswith(".npz"))
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as err:  # load_state_dict lists size mismatches (and missing/unexpected keys if strict)
         text = str(err)
         if "Missing key" in text or "Unexpected key" in text or "size mismatch" in text:
