@@ -104,10 +104,12 @@ class Method(abc.ABC):
     defaults: dict[str, Any] = {}
     #: artifacts the method needs resolved before it can build (e.g. a pre-tuned top-down checkpoint)
     needs: tuple[str, ...] = ()
-    #: what of the model is frozen and may be computed once and cached (:mod:`harness.features`): ``"pooled"``
-    #: says the model is ``head(backbone(x))`` with every backbone weight frozen, so the engine may train and
-    #: evaluate ``model.head`` on cached ``backbone(x)`` where the task's training transforms are deterministic;
-    #: None: nothing (the model runs on images)
+    #: what of the model is frozen and may be computed once and cached (:mod:`harness.features`), as a name that
+    #: is part of the cache key (methods whose frozen parts compute the same thing share it): ``"pooled"`` for the
+    #: linear probe, ``"first-pass"`` for TOAST. The model then offers ``frozen_forward(images)`` (a tensor or a
+    #: tuple of tensors, computed by the frozen ``model.backbone`` alone) and ``from_frozen(*tensors)`` (the
+    #: model's output from them), and the engine trains on cached ``frozen_forward`` outputs where the task's
+    #: training transforms are deterministic. None: nothing (the model runs on images)
     frozen_features: str | None = None
     #: top-level suite sections this method reads (e.g. TOAST's ``pretune``); they are copied into its trial
     #: specs, so changing them changes its trial ids and nobody else's

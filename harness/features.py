@@ -1,20 +1,32 @@
 """The frozen-computation cache: a model whose trainable part sits on top of a frozen one is trained on the frozen
-part's outputs, computed once and kept on disk, instead of running the frozen backbone on every image of every
+part's outputs, computed once and kept on disk, instead of running the frozen weights on every image of every
 epoch, grid point and seed.
 
-A method declares it (:attr:`harness.api.Method.frozen_features`): ``"pooled"`` says its model is
-``head(backbone(x))`` with every backbone weight frozen (the linear probe). The engine then computes
-``backbone(x)`` (the pooled features) for a split once per (backbone weights fingerprint, task, data fingerprint,
-split, train/eval transform, image size, normalisation and preprocessing, precision), writes them under
-``<cache>/features/`` as ``.npy`` (temporary file + rename, under a file lock, so two processes building the same
-features at once produce one file), reads them memory-mapped, and trains and evaluates ``model.head`` on them
-through the same loop, batches and shuffling as the images would give: the per-epoch metrics are those of the
-uncached trial up to float rounding (the frozen forward runs at another batch size).
+A method declares it (:attr:`harness.api.Method.frozen_features`, a name for what is frozen: ``"pooled"`` for the
+linear probe's ``head(backbone(x))``, ``"first-pass"`` for TOAST's first pass) and its model splits itself in two:
+``frozen_forward(images)`` (a tensor or a tuple of tensors per batch, computed by ``model.backbone``'s frozen weights
+alone) and ``from_frozen(*tensors)`` (the rest: the model's output). The engine owns everything else, so a new
+method gets the cache by declaring, not by writing cache code:
+
+* it computes ``frozen_forward`` over a split once per (frozen part, backbone weights fingerprint, task, data
+  fingerprint, split, transform, image size, normalisation and preprocessing, precision, storage dtype), with the
+  model in eval mode under ``inference_mode``, and writes it under ``<cache>/features/<key>.<i>.npy`` (one array per
+  tensor, written in place through a memory map, then renamed), the labels beside it and ``<key>.json`` last (its
+  presence means done), all under a file lock, so two processes or SLURM jobs asking at once get one build: the
+  first builds, the others wait and read;
+* it prints the size before it builds, and refuses (the trial runs uncached) when the disk would not hold it;
+* it reads the arrays memory-mapped and trains and evaluates :class:`OnFrozen` (the same parameters under the same
+  names) through the same loop, batch size, shuffling generator and drop_last as the images would give, so the
+  per-epoch metrics are the uncached trial's up to float rounding (the frozen part runs at another batch size).
+
+Storage is float32 by default (exact). ``train.feature_cache_dtype: float16`` halves the disk and the reads; values
+are read back as float32, and ``tests/test_feature_cache.py`` bounds what it changes (a build whose values leave
+float16's range is refused).
 
 It is exact only where the frozen part is deterministic, so it is refused, with the reason in the record
 (``"feature_cache": "off: <reason>"``), when the task's training transforms are random
 (:attr:`harness.api.Task.deterministic_train` false: FGVC's crops and flips), when the frozen backbone runs in
-training mode (``frozen_eval: false``: drop-path), when anything in the backbone trains, for a task that is not
+training mode (``frozen_eval: false``: drop-path), when a backbone weight trains, for a task that is not
 classification, and when turned off (``harness run --no-cache``, or the suite's ``train.feature_cache: false``).
 """
 
@@ -22,7 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +46,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harness.files import atomic_save_npy, file_lock
+from harness.files import atomic_save_npy, atomic_write_json, file_lock
 from harness.loop import autocast_for
 
 #: bump when what a cached file holds changes
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
+#: ``train.feature_cache_dtype`` values and their numpy storage type
+STORAGE_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16}
+#: free disk kept beyond the cache's own size when deciding whether it fits
+DISK_MARGIN_BYTES = 512 * 2**20
+
+
+class CacheRefused(Exception):
+    """The cache cannot serve this trial after all (its message is the reason recorded); the trial runs uncached."""
 
 
 def refusal(method: Any, task: Any, model: nn.Module, train: dict[str, Any], enabled: bool = True) -> str | None:
@@ -44,16 +67,16 @@ def refusal(method: Any, task: Any, model: nn.Module, train: dict[str, Any], ena
         return "--no-cache"
     if train.get("feature_cache", True) is False:
         return "train.feature_cache: false"
-    kind = getattr(method, "frozen_features", None)
-    if kind != "pooled":
+    if not getattr(method, "frozen_features", None):
         return f"method {method.name} declares no cacheable frozen part"
     if task.kind != "classification":
         return f"{task.kind} task"
     if not getattr(task, "deterministic_train", False):
         return f"task {task.name}'s training transforms are not deterministic"
-    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
-    if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Module):
-        return "the model has no backbone and head to split"
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module) or not all(
+            callable(getattr(model, hook, None)) for hook in ("frozen_forward", "from_frozen")):
+        return f"the model of {method.name} has no backbone, frozen_forward and from_frozen to split it by"
     if any(p.requires_grad for p in backbone.parameters()):
         return "backbone weights train"
     was_training = model.training
@@ -65,16 +88,37 @@ def refusal(method: Any, task: Any, model: nn.Module, train: dict[str, Any], ena
     return None
 
 
-class OnFeatures(nn.Module):
-    """The model's head alone, applied to cached features; its parameter names are the full model's
-    (``head.weight``, ...), so checkpoints and kept weights fit either."""
+def storage_dtype(train: dict[str, Any]) -> str:
+    return str(train.get("feature_cache_dtype", "float32"))
 
-    def __init__(self, head: nn.Module):
+
+class OnFrozen(nn.Module):
+    """The model's trainable rest, applied to cached frozen outputs: ``forward(tensors) = model.from_frozen(*tensors)``.
+    Its submodules and parameters are the model's own under the same names, so the optimiser, checkpoints and kept
+    weights see one model either way; ``train``/``eval`` go through the model's own (which keeps a frozen backbone in
+    eval mode)."""
+
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.head = head
+        object.__setattr__(self, "_model", model)  # not a submodule: its children are registered below instead
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward(self, frozen: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self._model.from_frozen(*frozen)
+
+    def train(self, mode: bool = True) -> "OnFrozen":
+        self._model.train(mode)
+        self.training = mode
+        return self
+
+
+def as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -92,71 +136,179 @@ def features_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-class _MappedFeatures(Dataset):
-    """Items ``(feature row, label)`` from memory-mapped ``.npy`` arrays."""
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray):
-        self.features, self.labels = features, labels
+
+class CachedSplit(Dataset):
+    """A split's cached frozen outputs, memory-mapped: item ``i`` is ``(tuple of float32 tensors, label)``;
+    ``__getitems__`` reads a whole batch with one fancy index per array (the data loader calls it)."""
+
+    def __init__(self, arrays: list[np.ndarray], labels: np.ndarray):
+        self.arrays, self.labels = arrays, labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.array(self.features[i])), int(self.labels[i])
+        return tuple(torch.from_numpy(np.asarray(a[i], dtype=np.float32)) for a in self.arrays), int(self.labels[i])
+
+    def __getitems__(self, indices: list[int]):
+        idx = np.asarray(indices, dtype=np.int64)
+        return (tuple(torch.from_numpy(np.asarray(a[idx], dtype=np.float32)) for a in self.arrays),
+                torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64)))
 
 
-def cached_features(backbone: nn.Module, dataset: Dataset, path: Path, *, batch_size: int, device: str,
-                    amp: bool, progress: bool = True, label: str = "") -> Dataset:
-    """The dataset's pooled features under ``path`` (``<path>.npy`` and ``<path>.labels.npy``), computed now if
-    missing, as a dataset of ``(features, label)`` items read memory-mapped."""
-    features_file = path.with_name(path.name + ".npy")
-    labels_file = path.with_name(path.name + ".labels.npy")
-    if not (features_file.exists() and labels_file.exists()):
-        with file_lock(path.with_name(path.name + ".lock")):
-            if not (features_file.exists() and labels_file.exists()):  # another process may have built them
-                _build(backbone, dataset, features_file, labels_file, batch_size, device, amp, progress, label)
-    features = np.load(features_file, mmap_mode="r")
-    labels = np.load(labels_file, mmap_mode="r")
-    return _MappedFeatures(features, labels)
+def _whole_batch(batch: Any) -> Any:
+    """collate_fn for :class:`CachedSplit`: its ``__getitems__`` already returns a batch."""
+    return batch
 
 
-def _build(backbone: nn.Module, dataset: Dataset, features_file: Path, labels_file: Path, batch_size: int,
-           device: str, amp: bool, progress: bool, label: str) -> None:
-    n = len(dataset)
-    dim = int(getattr(backbone, "num_features", 0) or getattr(backbone, "embed_dim", 0))
-    if progress:
-        size = f"{n * dim * 4 / 2**20:.1f} MB" if dim else f"{n} rows"
-        print(f"feature cache: computing {label} ({n} images -> {size}) into {features_file.parent}",
-              file=sys.stderr)
-    was_training = backbone.training
-    backbone.eval()
-    chunks, targets = [], []
+@dataclass
+class SplitCache:
+    """Where one split's frozen outputs live (``<folder>/<key>...``) and what they hold."""
+
+    folder: Path
+    key: str
+    label: str
+    dtype: str
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / f"{self.key}.json"
+
+    def array(self, i: int) -> Path:
+        return self.folder / f"{self.key}.{i}.npy"
+
+    @property
+    def labels(self) -> Path:
+        return self.folder / f"{self.key}.labels.npy"
+
+    @property
+    def lock(self) -> Path:
+        return self.folder / f"{self.key}.lock"
+
+    def built(self) -> bool:
+        return self.manifest.exists()
+
+    def open(self) -> CachedSplit:
+        meta = json.loads(self.manifest.read_text())
+        arrays = [np.load(self.array(i), mmap_mode="r") for i in range(int(meta["arrays"]))]
+        return CachedSplit(arrays, np.load(self.labels, mmap_mode="r"))
+
+
+def item_shapes(model: nn.Module, dataset: Dataset, device: str, amp: bool) -> list[tuple[int, ...]]:
+    """The shapes of one item's frozen outputs (one image through ``frozen_forward``)."""
+    image = dataset[0][0]
+    with _evaluating(model), torch.inference_mode(), autocast_for(device, amp):
+        out = as_tuple(model.frozen_forward(image.unsqueeze(0).to(device)))
+    return [tuple(t.shape[1:]) for t in out]
+
+
+def split_bytes(shapes: list[tuple[int, ...]], count: int, dtype: str) -> int:
+    per_item = sum(int(np.prod(s, dtype=np.int64)) for s in shapes) * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    return per_item * count + 8 * count  # + the int64 labels
+
+
+class _evaluating:
+    """The model in eval mode for the block, then back to what it was."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.train(self.was)
+
+
+def build_split(model: nn.Module, dataset: Dataset, cache: SplitCache, shapes: list[tuple[int, ...]], *,
+                batch_size: int, device: str, amp: bool, progress: bool) -> None:
+    """Compute and write one split's frozen outputs (the caller holds the lock). Each array is filled in place
+    through a memory map under a temporary name and renamed; the manifest goes last."""
+    n, dtype = len(dataset), STORAGE_DTYPES[cache.dtype]
+    tmp = [cache.folder / f".{cache.key}.{i}.npy.tmp" for i in range(len(shapes))]
+    arrays = [np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))
+              for path, shape in zip(tmp, shapes)]
+    labels = np.empty(n, dtype=np.int64)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=f"caching {cache.label}", unit="img", leave=False, disable=not progress,
+               dynamic_ncols=True)
     try:
-        with torch.inference_mode():
-            for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        start = 0
+        with _evaluating(model), torch.inference_mode():
+            for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
                 with autocast_for(device, amp):
-                    out = backbone(images.to(device))
-                chunks.append(out.float().cpu().numpy())
-                targets.append(np.asarray(labels, dtype=np.int64))
+                    out = as_tuple(model.frozen_forward(images.to(device)))
+                stop = start + images.shape[0]
+                for array, tensor in zip(arrays, out):
+                    values = tensor.float().cpu().numpy().astype(dtype)
+                    if not np.isfinite(values).all():
+                        raise CacheRefused(f"frozen outputs leave {cache.dtype}'s range (use float32)")
+                    array[start:stop] = values
+                labels[start:stop] = np.asarray(targets, dtype=np.int64)
+                bar.update(stop - start)
+                start = stop
+        for array, path, final in zip(arrays, tmp, (cache.array(i) for i in range(len(shapes)))):
+            array.flush()
+            del array
+            os.replace(path, final)
+        arrays.clear()
+        atomic_save_npy(cache.labels, labels)
+        atomic_write_json(cache.manifest, {"version": FEATURES_VERSION, "arrays": len(shapes), "count": n,
+                                           "shapes": [list(s) for s in shapes], "dtype": cache.dtype})
     finally:
-        backbone.train(was_training)
-    atomic_save_npy(labels_file, np.concatenate(targets))
-    atomic_save_npy(features_file, np.concatenate(chunks).astype(np.float32))  # written last: its presence = done
+        bar.close()
+        arrays.clear()
+        for path in tmp:
+            path.unlink(missing_ok=True)
 
 
-def feature_loaders(model: nn.Module, loaders: dict[str, DataLoader], keys: dict[str, dict[str, Any]],
-                    cache_dir: Path, device: str, amp: bool, progress: bool = True
-                    ) -> tuple[nn.Module, dict[str, DataLoader]]:
-    """The head (:class:`OnFeatures`) and, for each image loader, a loader over the cached features with the same
-    batch size, shuffling, generator, drop_last and workers, so the head sees the batches the images would give."""
-    backbone = model.backbone
+def frozen_loaders(model: nn.Module, loaders: dict[str, DataLoader], keys: dict[str, dict[str, Any]],
+                   cache_dir: Path, device: str, amp: bool, dtype: str = "float32", progress: bool = True
+                   ) -> tuple[nn.Module, dict[str, DataLoader]]:
+    """:class:`OnFrozen` and, for each image loader, a loader over the cached frozen outputs with the same batch
+    size, shuffling, generator and drop_last, so the rest of the model sees the batches the images would give.
+    Splits not cached yet are built first (their size printed before); raises :class:`CacheRefused` when the disk
+    would not hold them."""
+    if dtype not in STORAGE_DTYPES:
+        raise CacheRefused(f"train.feature_cache_dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    folder = cache_dir / "features"
+    folder.mkdir(parents=True, exist_ok=True)
+    caches = {name: SplitCache(folder, features_key({**keys[name], "dtype": dtype}),
+                               f"{keys[name].get('task')}/{keys[name].get('split')}", dtype) for name in loaders}
+    missing = [name for name, cache in caches.items() if not cache.built()]
+    if missing:
+        shapes = item_shapes(model, loaders[missing[0]].dataset, device, amp)
+        sizes = {name: split_bytes(shapes, len(loaders[name].dataset), dtype) for name in missing}
+        free = shutil.disk_usage(folder).free
+        if sum(sizes.values()) + DISK_MARGIN_BYTES > free:
+            reason = (f"the disk would not hold it: {human_bytes(sum(sizes.values()))} needed in {folder}, "
+                      f"{human_bytes(free)} free")
+            if dtype == "float32":
+                reason += " (train.feature_cache_dtype: float16 halves it)"
+            print(f"feature cache: {reason}; training on images instead", file=sys.stderr)
+            raise CacheRefused(reason)
+        for name in missing:
+            cache = caches[name]
+            with file_lock(cache.lock):
+                if cache.built():  # another process built it while this one waited
+                    continue
+                print(f"feature cache: computing {cache.label} ({len(loaders[name].dataset)} images -> "
+                      f"{human_bytes(sizes[name])}, {dtype}) into {folder}", file=sys.stderr)
+                build_split(model, loaders[name].dataset, cache, shapes,
+                            batch_size=max(1, int(loaders[name].batch_size or 1)), device=device, amp=amp,
+                            progress=progress)
     out: dict[str, DataLoader] = {}
     for name, loader in loaders.items():
-        key = features_key(keys[name])
-        dataset = cached_features(backbone, loader.dataset, cache_dir / "features" / key,
-                                  batch_size=max(1, int(loader.batch_size or 1)), device=device, amp=amp,
-                                  progress=progress, label=f"{keys[name].get('task')}/{keys[name].get('split')}")
         shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
-        out[name] = DataLoader(dataset, batch_size=loader.batch_size, shuffle=shuffle, generator=loader.generator,
-                               drop_last=loader.drop_last, num_workers=0, pin_memory=loader.pin_memory)
-    return OnFeatures(model.head), out
+        out[name] = DataLoader(caches[name].open(), batch_size=loader.batch_size, shuffle=shuffle,
+                               generator=loader.generator, drop_last=loader.drop_last, collate_fn=_whole_batch,
+                               num_workers=0, pin_memory=loader.pin_memory)
+    return OnFrozen(model), out

@@ -111,6 +111,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def to_device(batch: Any, device: str) -> Any:
+    """A batch's inputs on ``device``: a tensor, or a tuple of tensors (cached frozen outputs)."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    return batch.to(device, non_blocking=True)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, images: torch.Tensor,
                labels: torch.Tensor, device: str = "cpu", amp: bool = True
                ) -> tuple[torch.Tensor, dict[str, float], bool]:
@@ -175,7 +182,7 @@ def fit(
                 for images, labels in loader:
                     if max_steps is not None and steps >= max_steps:
                         break
-                    images = images.to(device, non_blocking=True)
+                    images = to_device(images, device)
                     labels = labels.to(device, non_blocking=True)
                     loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp)
                     if not finite:
@@ -184,7 +191,7 @@ def fit(
                     steps += 1
                     if per_step:
                         scheduler.step()
-                    n = images.shape[0]
+                    n = labels.shape[0]
                     total_loss += loss.item() * n
                     seen += n
                     for key, value in logs.items():

@@ -219,8 +219,10 @@ TRAIN: dict[str, Key] = {
                        minimum=0),
     "label_smoothing": Key(NUMBER, "label smoothing of the cross-entropy (default 0)", minimum=0),
     "amp": Key(bool, "mixed precision on GPUs (default true)"),
-    "feature_cache": Key(bool, "cache the frozen part's outputs where exact (the linear probe's features on "
-                               "deterministic tasks; default true)"),
+    "feature_cache": Key(bool, "cache the frozen part's outputs where exact (the linear probe's features, TOAST's "
+                               "first pass, on deterministic tasks; default true)"),
+    "feature_cache_dtype": Key(str, "how cached frozen outputs are stored (default float32: exact; float16 halves "
+                                    "the disk)", choices=("float32", "float16")),
 }
 #: keys of a suite's ``train:`` section, with their types
 TRAIN_KEYS: dict[str, Kind] = {name: key.kind for name, key in TRAIN.items()}

@@ -36,9 +36,10 @@ from harness.api import METHODS, TASKS, BuildContext, DataContext, Method, Task
 from harness.backbone import build_backbone, file_fingerprint, resolve_weights
 from harness.cost import forward_flops, parameter_counts
 from harness.errors import HarnessError
-from harness.features import feature_loaders, module_fingerprint, refusal
+from harness.features import CacheRefused, frozen_loaders, module_fingerprint, refusal, storage_dtype
 from harness.inputs import artifact_resolver, data_context
-from harness.loop import autocast_for, fit, pick_device, seed_everything, trainable_state, warmup_cosine, warmup_poly
+from harness.loop import (autocast_for, fit, pick_device, seed_everything, to_device, trainable_state,
+                          warmup_cosine, warmup_poly)
 from harness.metrics import METRICS
 from harness.plan import TrialSpec
 from harness.provenance import provenance
@@ -151,7 +152,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str, metric: str, num
     with torch.inference_mode():
         for images, targets in loader:
             with autocast_for(device, amp):
-                logits = model(images.to(device, non_blocking=True))
+                logits = model(to_device(images, device))
             preds.append(logits.float().argmax(dim=1).cpu())
             labels.append(targets)
     return METRICS[metric](torch.cat(preds), torch.cat(labels), num_classes)
@@ -243,14 +244,16 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     reason = refusal(method, task, model, train_cfg, env.feature_cache)
     if reason is None and not all(data_fingerprint.values()):
         reason = f"task {task.name} gives no data fingerprint"
-    if reason is None:  # train and evaluate the head on the frozen backbone's cached features
-        fit_model, loaders = feature_loaders(model, {"train": train_loader, "eval": eval_loader},
-                                             _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
-                                             env.cache_dir, device, amp, env.progress)
-        train_loader, eval_loader = loaders["train"], loaders["eval"]
-        feature_cache = "used"
-    else:
-        feature_cache = f"off: {reason}"
+    if reason is None:  # train and evaluate the model's trainable rest on its frozen part's cached outputs
+        try:
+            fit_model, loaders = frozen_loaders(
+                model, {"train": train_loader, "eval": eval_loader},
+                _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
+                env.cache_dir, device, amp, storage_dtype(train_cfg), env.progress)
+            train_loader, eval_loader = loaders["train"], loaders["eval"]
+        except CacheRefused as refused:
+            reason = str(refused)
+    feature_cache = "used" if reason is None else f"off: {reason}"
     checkpoint = env.checkpoint_dir / f"{spec.id}.ckpt.pt" if env.checkpoint_dir else None
     details: dict[str, Any] = {}  # what the last evaluation kept besides the number (per-class IoU)
 
@@ -296,7 +299,7 @@ def _feature_keys(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, mo
                   data_fingerprint: dict[str, str], amp: bool) -> dict[str, dict[str, Any]]:
     """What defines the cached features of the train and eval splits: the backbone's weights (their values) and
     spec, the task's data and split, the transform, the inputs' size and normalisation, the precision."""
-    base = {"task": task.name, "weights": module_fingerprint(model.backbone),
+    base = {"task": task.name, "frozen": method.frozen_features, "weights": module_fingerprint(model.backbone),
             "backbone": backbone_spec_for(method, spec.backbone, spec.hparams, task.backbone_args(dctx)),
             "image_size": dctx.image_size, "mean": list(dctx.mean), "std": list(dctx.std),
             "settings": dctx.settings, "data_root": str(dctx.data_root),

@@ -44,6 +44,13 @@ class BackboneClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    # the split the frozen-computation cache uses (harness.api.Method.frozen_features = "pooled")
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def from_frozen(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
     def train(self, mode: bool = True) -> "BackboneClassifier":
         super().train(mode)
         if mode and self.frozen_eval:

@@ -253,6 +253,11 @@ class TopDownViT(nn.Module):
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
         with torch.set_grad_enabled(grad):
             shared, top = self.first_pass(x, block_inputs)
+        return self.after_first_pass(shared, top, var_loss, block_inputs)
+
+    def after_first_pass(self, shared: torch.Tensor, top: torch.Tensor, var_loss: bool = False,
+                         block_inputs: dict | None = None) -> TopDownOutput:
+        """Steps 2-4 on the first pass's ``(shared, top)``."""
         selected, similarity = self.select(top)
         tokens, var = self.second_pass(shared, self.feedback(selected), var_loss, block_inputs)
         pool = self.backbone.forward_head
@@ -261,6 +266,17 @@ class TopDownViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_detailed(x).features)
+
+    # the split the frozen-computation cache uses (ToastMethod.frozen_features): the first pass is a function of
+    # the image and the frozen backbone alone; what follows it trains
+    def frozen_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shared, top) of :meth:`first_pass`: the second pass's input (block ``target``'s: the patch tokens, or
+        the shared lower half's output for late feedback) and the tokens fed back."""
+        with torch.no_grad():
+            return self.first_pass(x)
+
+    def from_frozen(self, shared: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        return self.head(self.after_first_pass(shared, top).features)
 
     def block_outputs(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
         """The second pass's raw outputs of blocks ``indices`` (tokens, before the final norm), for a dense head
@@ -555,6 +571,9 @@ class ToastMethod(Method):
     hparam_choices = {"seg_feedback": FEEDBACK_KINDS}
     needs = ("toast-pretuned",)
     suite_sections = ("pretune",)
+    #: the first pass is cached where the task allows (harness/features.py); its content depends on the feedback
+    #: span only, so every variant with the same span shares one cache
+    frozen_features = "first-pass"
 
     def section_keys(self, section: str) -> dict[str, Any]:
         from methods.toast_pretune import DEFAULTS
@@ -638,12 +657,14 @@ class ToastEarly(ToastMethod):
     description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
     feedback = "early"
     seg_feedback = "early"
+    frozen_features = "first-pass-early"  # the first pass stops at the middle block
 
 
 class ToastLate(ToastMethod):
     description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
     feedback = "late"
     seg_feedback = "late"
+    frozen_features = "first-pass-late"  # shared: the lower half's output, computed once for both passes
 
 
 class ToastNoPretune(ToastMethod):
