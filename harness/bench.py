@@ -16,7 +16,11 @@ parameters the method leaves trainable, with its own optimiser; bf16 autocast on
 * ``vs_finetune``: step time / finetune's step time (when finetune is benched), and ``vs_forward``: step time /
   the plain backbone's forward on the same batch (inference mode), measured in the same run;
 * ``method_forward_ms`` and ``forward_vs_backbone``: the method's own forward (eval mode, inference mode) and its
-  ratio to the plain backbone forward (TOAST's two passes and feedback path against one pass).
+  ratio to the plain backbone forward (TOAST's two passes and feedback path against one pass);
+* ``cached_step_ms`` and ``cached_vs_finetune``: for a method that declares a cacheable frozen part
+  (:attr:`harness.api.Method.frozen_features`), the same step on the batch's frozen outputs computed beforehand, as
+  a trial with the frozen-computation cache (:mod:`harness.features`) steps: the linear probe's head alone,
+  TOAST's feedback path and second pass without its first pass.
 
 :func:`run_grid` (``harness bench --grid``) times a whole linear-probe search of one cell end to end, without and
 with the frozen-computation cache (:mod:`harness.features`), and the largest difference of their per-epoch metrics.
@@ -44,8 +48,8 @@ BENCH_HPARAMS = {"lr": 1e-3, "weight_decay": 1e-4}
 #: the CSV's columns, in order
 COLUMNS = ("method", "status", "step_ms", "step_ms_min", "step_ms_max", "images_per_s", "forward_flops",
            "peak_memory_bytes", "peak_memory_kind", "trainable", "head", "total", "optimized_params", "vs_finetune",
-           "vs_forward", "method_forward_ms", "forward_vs_backbone", "forward_ms", "backbone_forward_flops", "backbone", "batch", "image_size", "device",
-           "amp", "warmup", "repeats", "error")
+           "vs_forward", "method_forward_ms", "forward_vs_backbone", "cached_step_ms", "cached_vs_finetune", "forward_ms",
+           "backbone_forward_flops", "backbone", "batch", "image_size", "device", "amp", "warmup", "repeats", "error")
 
 
 @dataclass
@@ -103,7 +107,8 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     device = config.device or pick_device()
     spec = backbone_spec(config)
     steps = config.warmup + config.repeats
-    bar = _progress(config.progress, total=steps * (2 * len(names) + 1))
+    cached = sum(1 for name in names if METHODS.get(name).frozen_features)
+    bar = _progress(config.progress, total=steps * (2 * len(names) + cached + 1))
     try:
         seed_everything(config.seed)
         try:
@@ -145,6 +150,8 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
         row["vs_finetune"] = row["step_ms"] / reference if ok and reference else None
         row["vs_forward"] = row["step_ms"] / forward_ms if ok and forward_ms else None
         row["forward_vs_backbone"] = row["method_forward_ms"] / forward_ms if ok and forward_ms else None
+        cached = row.get("cached_step_ms")
+        row["cached_vs_finetune"] = cached / reference if ok and cached is not None and reference else None
     return [{column: row.get(column) for column in COLUMNS} for row in rows]
 
 
@@ -186,6 +193,20 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
             model(images)
 
     method_forward_ms = _median_ms(infer, device, config, bar)
+    cached_step_ms = None
+    if method.frozen_features:  # the step a trial takes on cached frozen outputs
+        from harness.features import OnFrozen, as_tuple
+
+        with torch.no_grad(), autocast_for(device, config.amp):  # no_grad, not inference mode: autograd uses them
+            frozen = tuple(t.detach() for t in as_tuple(model.eval().frozen_forward(images)))
+        on_frozen = OnFrozen(model).train()
+
+        def cached_step() -> None:
+            nonlocal finite
+            finite = train_step(on_frozen, optimizer, objective, frozen, labels, device, config.amp)[2] and finite
+
+        cached_step_ms = statistics.median(_times_ms(cached_step, device, config, bar))
+        del frozen, on_frozen
     counts = parameter_counts(model)
     optimized = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     flops = forward_flops(model, size, device)
@@ -193,7 +214,7 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
     out: dict[str, Any] = {
         "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
         "forward_flops": flops, **memory.result(), **counts, "optimized_params": optimized,
-        "method_forward_ms": method_forward_ms,
+        "method_forward_ms": method_forward_ms, "cached_step_ms": cached_step_ms,
     }
     out["images_per_s"] = config.batch / (out["step_ms"] / 1000.0)
     if not finite:
@@ -331,6 +352,8 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
             "x finetune": num(row["vs_finetune"], ".2f"),
             "x forward": num(row["vs_forward"], ".2f"),
             "fwd x backbone": num(row["forward_vs_backbone"], ".2f"),
+            "cached step (ms)": num(row["cached_step_ms"], ".1f"),
+            "cached x finetune": num(row["cached_vs_finetune"], ".2f"),
         })
     text = tabulate(lines, headers="keys", tablefmt="simple", disable_numparse=True)
     if rows:
@@ -344,7 +367,9 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
                  f"'x forward': step time / the plain backbone forward on the same batch "
                  f"({first['forward_ms']:.1f} ms, {'–' if flops is None else f'{flops / 1e9:.3f}'} GFLOPs/img); "
                  "'x finetune': step time / finetune's. 'fwd x backbone': the method's own forward (eval, "
-                 "inference mode) / the plain backbone forward. '# trainable' excludes the head."
+                 "inference mode) / the plain backbone forward. 'cached': the step on the frozen part's outputs "
+                 "computed beforehand, as a trial with the feature cache takes it (methods that declare one). "
+                 "'trainable' excludes the head."
                  + (" Peak memory on the CPU is RSS growth (memory an earlier method freed is reused: read it on "
                     "a GPU)." if kind == "cpu_rss_delta" else ""))
     return text

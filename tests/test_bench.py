@@ -58,6 +58,15 @@ def test_bench_writes_one_row_per_method_with_times_and_ratios(bench_csv) -> Non
         float(by_name["linear"]["step_ms"]) / float(by_name["finetune"]["step_ms"]))
     for column in ("step (ms)", "img/s", "GFLOPs/img", "peak mem (MB)", "x finetune", "x forward", "fwd x backbone"):
         assert column in printed
+    # the step on cached frozen outputs: timed for the methods that declare a frozen part, and only for them
+    for row in rows:
+        if METHODS.get(row["method"]).frozen_features:
+            assert float(row["cached_step_ms"]) > 0
+            assert float(row["cached_vs_finetune"]) == pytest.approx(
+                float(row["cached_step_ms"]) / float(by_name["finetune"]["step_ms"]))
+        else:
+            assert row["cached_step_ms"] == row["cached_vs_finetune"] == ""
+    assert {r["method"] for r in rows if r["cached_step_ms"]} == {"linear", "toast", "toast-lite"}
     assert "wrote " in printed and "cpu (1 thread)" in printed
 
 

@@ -5,9 +5,10 @@ finetune's and to the plain backbone forward on the same batch. The median of --
 Prints a table and writes a CSV (one row per method).
 
 Methods are built as trials build them; TOAST and its variants start from a random top-down module (no pre-tuned
-checkpoint is resolved), which costs the same as a pre-tuned one. The linear probe is timed on images (its frozen
-backbone runs in every step); where a trial may use the feature cache (harness/features.py), its step is the head's
-alone. Methods run one after another, so time on a quiet machine: load from other processes skews the ratios.
+checkpoint is resolved), which costs the same as a pre-tuned one. Every method is timed on images; a method with a
+cacheable frozen part (the linear probe's backbone, TOAST's first pass) is also timed on that part's outputs computed
+beforehand ("cached"), the step a trial takes where the feature cache applies (harness/features.py). Methods run one
+after another, so time on a quiet machine: load from other processes skews the ratios.
 """
 
 from __future__ import annotations
