@@ -207,6 +207,11 @@ def gen_textures(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------- caching
+#: arrays already decompressed in this process, by (file, modification time): trials of one process (the inline
+#: executor, ``harness bench --grid``) read a task's file once instead of once per trial and split
+_LOADED: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+
 def cached_arrays(cache_dir: Path, key: str, make) -> dict[str, np.ndarray]:
     path = cache_dir / "datasets" / "demo" / f"{key}-v{DATA_VERSION}.npz"
     if not path.exists():
@@ -216,8 +221,11 @@ def cached_arrays(cache_dir: Path, key: str, make) -> dict[str, np.ndarray]:
                 tmp = path.with_suffix(".tmp.npz")
                 np.savez_compressed(tmp, **arrays)
                 os.replace(tmp, path)
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+    loaded = (str(path), path.stat().st_mtime_ns)
+    if loaded not in _LOADED:
+        with np.load(path) as data:
+            _LOADED[loaded] = {k: data[k] for k in data.files}
+    return _LOADED[loaded]
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -252,7 +260,7 @@ class DemoTask(Task):
         arrays = self.arrays(ctx.cache_dir)
         sel = self.indices(split)
         images = normalize(arrays["images"][sel], ctx.mean, ctx.std)
-        return TensorDataset(images, torch.from_numpy(arrays["labels"][sel]))
+        return TensorDataset(images, torch.from_numpy(arrays["labels"][sel].copy()))
 
     def fingerprint(self, split: str, ctx: DataContext) -> str:
         text = json.dumps([self.name, self.seed, self.total, DATA_VERSION, split])
