@@ -267,22 +267,27 @@ def _progress(enabled: bool, total: int, unit: str = "step"):
 
 # ------------------------------------------------------------------------------------------------- --grid
 #: the CSV's columns of ``--grid``
-GRID_COLUMNS = ("mode", "method", "task", "suite", "points", "seconds", "seconds_per_point", "speedup",
+GRID_COLUMNS = ("mode", "method", "task", "suite", "points", "epochs", "seconds", "seconds_per_point", "speedup",
                 "feature_cache", "max_eval_diff", "failed")
 
 
 def run_grid(suite_name: str = "demo", task: str | None = None, grid_points: int | None = None,
-             data_root: str | None = None, progress: bool = True, method: str = "linear") -> list[dict[str, Any]]:
+             data_root: str | None = None, progress: bool = True, method: str = "linear",
+             full_grid: bool = False, epochs: int | None = None) -> list[dict[str, Any]]:
     """Time one cell's whole linear-probe search end to end (every grid point of the suite's protocol, one after the
     other: building, training, evaluating each trial), without and then with the frozen-computation cache; one row
     each. The cached pass builds the features first where they are not cached yet. ``max_eval_diff``: the largest
-    difference between the two passes' per-epoch metrics. Nothing is recorded in the results."""
+    difference between the two passes' per-epoch metrics. ``full_grid``: the method's own grid (the linear probe's
+    40 points) instead of the suite's; ``epochs`` overrides the suite's. Nothing is recorded in the results."""
     from harness.plan import Cell, search_specs, select_tasks
     from harness.store import default_cache_dir
     from harness.sweep import load_suite
     from harness.train import TrialEnv, run_trial
 
-    suite = load_suite(suite_name, grid_points=grid_points, data_root=data_root)
+    from harness.api import METHODS
+
+    sets = {f"grids.{method}": METHODS.get(method).grid} if full_grid else None
+    suite = load_suite(suite_name, grid_points=grid_points, data_root=data_root, sets=sets, epochs=epochs)
     task = select_tasks(suite, task)[0]
     specs = search_specs(suite, Cell(method, task))
     if not specs:
@@ -302,7 +307,8 @@ def run_grid(suite_name: str = "demo", task: str | None = None, grid_points: int
                 bar.update(1)
             seconds = time.perf_counter() - t0
             rows.append({"mode": "cache" if cache else "no cache", "method": method, "task": task,
-                         "suite": suite.name, "points": len(specs), "seconds": seconds,
+                         "suite": suite.name, "points": len(specs), "epochs": specs[0].train.get("epochs"),
+                         "seconds": seconds,
                          "seconds_per_point": seconds / len(specs), "feature_cache": records[0].get("feature_cache"),
                          "failed": sum(r["status"] != "ok" for r in records)})
             curves.append([[e.get("eval") for e in r.get("curve", [])] for r in records])
@@ -324,8 +330,8 @@ def grid_table(rows: list[dict[str, Any]]) -> str:
               else f"{r['max_eval_diff']:.2g}", "failed": r["failed"]} for r in rows]
     first = rows[0]
     return (tabulate(lines, headers="keys", tablefmt="simple", disable_numparse=True)
-            + f"\n\n{first['method']} search on {first['task']} (suite {first['suite']}), end to end; the cached pass "
-              "builds the features first where they are not cached yet.")
+            + f"\n\n{first['method']} search on {first['task']} (suite {first['suite']}, {first['epochs']} epochs per "
+              "trial), end to end; the cached pass builds the features first where they are not cached yet.")
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -394,6 +400,52 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: Sequence[str] = C
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     os.replace(tmp, path)
     return path
+
+
+#: what marks a bench record (the JSON beside the CSV) among other files
+RECORD_KIND = "harness-bench"
+
+
+def write_record(rows: list[dict[str, Any]], csv_path: Path) -> Path:
+    """The run as a record beside its CSV (``.json``): its rows, when and where. ``harness table --columns step``
+    reads the newest record under ``<results>/bench/`` whose backbone has the suite's architecture."""
+    import platform
+    from datetime import datetime, timezone
+
+    from harness.files import atomic_write_json
+
+    path = csv_path.with_suffix(".json")
+    first = rows[0] if rows else {}
+    atomic_write_json(path, {"kind": RECORD_KIND, "backbone": first.get("backbone"), "batch": first.get("batch"),
+                             "device": first.get("device"), "threads": _threads().strip(" ()") or None,
+                             "host": platform.node(), "created_at": datetime.now(timezone.utc).isoformat(),
+                             "rows": rows})
+    return path
+
+
+def architecture(backbone: str) -> str:
+    """A timm name without its pretrained tag: bench times random weights, so ``deit_base_patch16_224.fb_in1k``
+    and ``deit_base_patch16_224`` cost the same."""
+    return backbone.split(".", 1)[0]
+
+
+def latest_record(folder: Path, backbone: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest bench record in ``folder`` for ``backbone``'s architecture (None: there is none)."""
+    import json
+
+    newest: tuple[Path, dict[str, Any]] | None = None
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(data, dict) or data.get("kind") != RECORD_KIND:
+            continue
+        if architecture(str(data.get("backbone") or "")) != architecture(backbone):
+            continue
+        if newest is None or str(data.get("created_at")) > str(newest[1].get("created_at")):
+            newest = (path, data)
+    return newest
 
 
 def default_csv_path(results: Path, config: BenchConfig, device: str) -> Path:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 FORMATS = ("markdown", "github", "latex", "csv")
-EXTRA_COLUMNS = ("params", "flops", "throughput", "memory")
+EXTRA_COLUMNS = ("params", "flops", "throughput", "memory", "step")
 MISSING = "–"
 
 
@@ -173,6 +173,8 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
     paper = reference.cells(methods, s["groups"]) if reference is not None else {}
     if reference is not None:
         footnotes.append(reference.describe(paper))
+    if "step" in extra:
+        footnotes.append(attach_bench(s, store.root / "bench", str(suite.backbone["name"]), methods))
 
     if fmt == "csv":
         rows = []
@@ -306,6 +308,28 @@ def override_flags(overrides: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def attach_bench(summary: dict[str, Any], folder, backbone: str, methods: list[str]) -> str:
+    """Put the newest ``harness bench`` record's step times for ``backbone``'s architecture into the summary's cost
+    (``step_ms``, ``step_vs_finetune``, ``cached_step_ms``); the footnote says which run they come from."""
+    from harness.bench import architecture, latest_record
+
+    found = latest_record(folder, backbone)
+    if found is None:
+        return (f"step: no harness bench record for {architecture(backbone)} in {folder} (run `harness bench "
+                f"--backbone {architecture(backbone)}`)")
+    path, record = found
+    rows = {row.get("method"): row for row in record.get("rows", []) if row.get("status") == "ok"}
+    for method in methods:
+        row = rows.get(method)
+        if row:
+            summary["cost"].setdefault(method, {}).update(
+                step_ms=row.get("step_ms"), step_vs_finetune=row.get("vs_finetune"),
+                cached_step_ms=row.get("cached_step_ms"))
+    return (f"step: one training step, from harness bench ({record.get('backbone')}, random weights, batch "
+            f"{record.get('batch')}, {record.get('device')}, {str(record.get('created_at'))[:10]}; {path}); "
+            "cached: the step on the feature cache's frozen outputs")
+
+
 def _cost_columns(cost: dict[str, Any] | None, extra: tuple[str, ...], numeric: bool) -> dict[str, Any]:
     cost = cost or {}
     out: dict[str, Any] = {}
@@ -326,4 +350,8 @@ def _cost_columns(cost: dict[str, Any] | None, extra: tuple[str, ...], numeric: 
         out["train img/s"] = fmt(cost.get("throughput"), 1, 0)
     if "memory" in extra:
         out["peak mem (MB)"] = fmt(cost.get("memory"), 2**20, 0)
+    if "step" in extra:
+        out["step (ms)"] = fmt(cost.get("step_ms"), 1, 1)
+        out["step x finetune"] = fmt(cost.get("step_vs_finetune"), 1, 2)
+        out["cached step (ms)"] = fmt(cost.get("cached_step_ms"), 1, 1)
     return out

@@ -20,7 +20,7 @@ TINY_FLAGS = ["--backbone", TINY_BACKBONE["name"], "--image-size", "32",
 
 
 @pytest.fixture(scope="module")
-def bench_csv(tmp_path_factory) -> tuple[list[dict[str, str]], str]:
+def bench_csv(tmp_path_factory) -> tuple[list[dict[str, str]], str, "Path"]:
     from harness.cli import main
 
     out = tmp_path_factory.mktemp("bench") / "bench.csv"
@@ -38,11 +38,11 @@ def bench_csv(tmp_path_factory) -> tuple[list[dict[str, str]], str]:
         torch.set_num_threads(before)
     assert code == 0, printed.getvalue()
     with open(out, newline="") as fh:
-        return list(csv.DictReader(fh)), printed.getvalue()
+        return list(csv.DictReader(fh)), printed.getvalue(), out
 
 
 def test_bench_writes_one_row_per_method_with_times_and_ratios(bench_csv) -> None:
-    rows, printed = bench_csv
+    rows, printed, _ = bench_csv
     assert [r["method"] for r in rows] == list(HEADLINE_METHODS)
     for row in rows:
         assert row["status"] == "ok", row["error"]
@@ -71,7 +71,7 @@ def test_bench_writes_one_row_per_method_with_times_and_ratios(bench_csv) -> Non
 
 
 def test_bench_steps_exactly_what_the_method_trains(bench_csv) -> None:
-    rows, _ = bench_csv
+    rows, _, _ = bench_csv
     by_name = {r["method"]: r for r in rows}
     linear = by_name["linear"]
     assert int(linear["trainable"]) == 0 and int(linear["head"]) == 32 * 10 + 10
@@ -86,11 +86,48 @@ def test_bench_flops_are_the_cost_modules_count(bench_csv) -> None:
     from harness.backbone import build_backbone
     from harness.cost import forward_flops, method_cost
 
-    rows, _ = bench_csv
+    rows, _, _ = bench_csv
     for row in rows:
         expected = method_cost(METHODS.get(row["method"]), TINY_BACKBONE, 10, image_size=32)["flops"]
         assert int(row["forward_flops"]) == expected, row["method"]
     assert int(rows[0]["backbone_forward_flops"]) == forward_flops(build_backbone(TINY_BACKBONE), 32)
+
+
+def test_a_bench_run_is_a_record_that_the_table_shows(bench_csv, fixed_suite, tmp_path) -> None:
+    """``harness table --columns step`` reads the newest bench record for the suite's backbone architecture."""
+    import json
+    import shutil
+
+    from records import put
+
+    from harness.store import Store
+    from harness.sweep import load_suite
+    from harness.table import build_table
+
+    rows, _, out = bench_csv
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["kind"] == "harness-bench" and record["backbone"] == TINY_BACKBONE["name"]
+    assert [r["method"] for r in record["rows"]] == [r["method"] for r in rows]
+    suite = load_suite(fixed_suite())  # the tiny suite: vit_tiny_patch16_224
+    store = Store(tmp_path / "results")
+    put(store, suite, "linear", "demo-digits", [60.0, 70.0])
+    put(store, suite, "finetune", "demo-digits", [80.0, 90.0])
+    text = build_table(suite, store, extra=("step",))
+    assert "no harness bench record for vit_tiny_patch16_224" in text  # none under results/bench yet
+    (tmp_path / "results" / "bench").mkdir()
+    old = {**record, "created_at": "2000-01-01T00:00:00+00:00",
+           "rows": [{**r, "step_ms": 999.0} for r in record["rows"]]}
+    (tmp_path / "results" / "bench" / "old.json").write_text(json.dumps(old))
+    shutil.copy(out.with_suffix(".json"), tmp_path / "results" / "bench" / "new.json")
+    text = build_table(suite, store, extra=("step",))
+    header = [c.strip() for c in text.splitlines()[0].split("|")]
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in text.splitlines()[2:4]}
+    linear = {r["method"]: r for r in record["rows"]}["linear"]
+    step, ratio, cached = (header.index(c) for c in ("step (ms)", "step x finetune", "cached step (ms)"))
+    assert lines["linear"][step] == f"{linear['step_ms']:.1f}" != "999.0"  # the newest record's
+    assert lines["linear"][ratio] == f"{linear['vs_finetune']:.2f}"
+    assert lines["linear"][cached] == f"{linear['cached_step_ms']:.1f}" and lines["finetune"][cached] == "–"
+    assert lines["finetune"][ratio] == "1.00" and "new.json" in text
 
 
 def test_bench_refuses_bad_input_with_one_line(capsys) -> None:
@@ -173,3 +210,19 @@ def test_bench_grid_times_a_linear_search_with_and_without_the_cache(make_suite,
     assert [r["feature_cache"] for r in rows] == ["off: --no-cache", "used"]
     assert all(r["points"] == "2" and float(r["seconds"]) > 0 and r["failed"] == "0" for r in rows)
     assert float(rows[1]["max_eval_diff"]) <= 1e-4 and float(rows[1]["speedup"]) > 0
+
+
+def test_bench_grid_full_grid_takes_the_methods_own_grid(make_suite, tmp_path, capsys) -> None:
+    """--full-grid replaces the suite's linear grid with the method's own (40 points); --grid-points cuts it."""
+    from harness.cli import main
+
+    out = tmp_path / "grid.csv"
+    suite = make_suite(tasks=["demo-digits"])
+    assert main(["bench", "--grid", "--full-grid", "--grid-points", "3", "--epochs", "2", "--suite", str(suite),
+                 "--no-progress", "--out", str(out)]) == 0
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["points"] for r in rows] == ["3", "3"]  # the tiny suite's own linear grid has 2 points
+    assert [r["epochs"] for r in rows] == ["2", "2"]  # the tiny suite trains 1
+    grid = METHODS.get("linear").grid
+    assert len(grid["lr"]) * len(grid["weight_decay"]) == 40

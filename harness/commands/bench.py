@@ -2,7 +2,8 @@
 images, nothing downloaded), measured in one run: step time (forward, backward and the optimiser step over exactly
 what the method trains), images/s, forward GFLOPs per image, peak memory, and each method's step time relative to
 finetune's and to the plain backbone forward on the same batch. The median of --repeats steps after --warmup steps.
-Prints a table and writes a CSV (one row per method).
+Prints a table and writes a CSV (one row per method) and the same as a JSON record beside it; `harness table
+--columns step` shows the newest record under <results>/bench/ for the suite's backbone.
 
 Methods are built as trials build them; TOAST and its variants start from a random top-down module (no pre-tuned
 checkpoint is resolved), which costs the same as a pre-tuned one. Every method is timed on images; a method with a
@@ -26,6 +27,8 @@ examples:
   harness bench --backbone vit_tiny_patch16_224 --image-size 32 --model-arg patch_size=8 --batch 8
   harness bench --set prompt_length=10                       # a hyperparameter for every method that has it
   harness bench --grid --suite demo --task demo-digits       # a linear search end to end, with/without the cache
+  harness bench --grid --full-grid                           # ... over the linear probe's whole 40-point grid
+  harness bench --grid --full-grid --epochs 100              # ... with VTAB-1k's 100 epochs per trial
 """
 
 
@@ -59,6 +62,9 @@ def add_parser(sub) -> None:
     grid.add_argument("--suite", default="demo", help="the suite whose linear grid and protocol run (default: demo)")
     grid.add_argument("--task", help="the task (default: the suite's first)")
     grid.add_argument("--grid-points", type=int, help="the first N points of the grid (default: all of them)")
+    grid.add_argument("--full-grid", action="store_true",
+                      help="the method's own full grid (the linear probe's 40 points) instead of the suite's")
+    grid.add_argument("--epochs", type=int, help="epochs per trial (default: the suite's; VTAB-1k's schedule is 100)")
     grid.add_argument("--data-root", help="where the suite's datasets live")
     parser.set_defaults(func=main)
 
@@ -66,7 +72,7 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.bench import BenchConfig, bench_table, default_csv_path, run_bench, write_csv
+    from harness.bench import BenchConfig, bench_table, default_csv_path, run_bench, write_csv, write_record
     from harness.store import default_results_dir
     from harness.sweep import parse_set
 
@@ -99,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     device = rows[0]["device"] if rows else (args.device or "cpu")
     path = Path(args.out) if args.out else default_csv_path(default_results_dir(), config, str(device))
     write_csv(rows, path)
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path} and {write_record(rows, path)}")
     return 1 if any(row["status"] != "ok" for row in rows) else 0
 
 
@@ -110,7 +116,7 @@ def _grid(args: argparse.Namespace) -> int:
     from harness.store import default_results_dir
 
     rows = run_grid(args.suite, task=args.task, grid_points=args.grid_points, data_root=args.data_root,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, full_grid=args.full_grid, epochs=args.epochs)
     print(grid_table(rows))
     name = f"grid-{rows[0]['suite']}-{rows[0]['task']}.csv"
     path = Path(args.out) if args.out else default_results_dir() / "bench" / name
