@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
                         help="save each trial's trained (trainable) weights next to its record")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-cache", action="store_true",
-                        help="no frozen-computation cache: the linear probe runs its frozen backbone on every batch")
+                        help="no frozen-computation cache: the linear probe runs its frozen backbone and TOAST its "
+                             "first pass on every batch")
     parser.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     add_cluster_args(parser)
     parser.set_defaults(func=main)
