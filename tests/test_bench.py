@@ -166,6 +166,36 @@ def test_the_optimizer_holds_exactly_the_trainable_parameters(name: str, tmp_pat
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # no gradient for frozen weights
 
 
+@pytest.mark.parametrize("name", HEADLINE_METHODS)
+def test_every_attention_call_stays_on_the_fused_kernel(name: str, tmp_path, monkeypatch) -> None:
+    """Each block's attention goes through F.scaled_dot_product_attention in training and in evaluation (TOAST's two
+    passes: twice per block), never timm's unfused softmax path."""
+    from harness.bench import bench_hparams
+    from harness.train import assemble_model
+
+    method = METHODS.get(name)
+    model = assemble_model(method, TINY_BACKBONE, bench_hparams(method, {}), cache_dir=tmp_path, num_classes=10,
+                           random_init=True)
+    calls = []
+    fused = nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", counting)
+    depth = TINY_BACKBONE["model_args"]["depth"]
+    passes = 2 if name.startswith("toast") else 1
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    model.train()
+    nn.functional.cross_entropy(model(images), labels).backward()
+    assert len(calls) == passes * depth
+    model.eval()
+    with torch.inference_mode():
+        model(images)
+    assert len(calls) == 2 * passes * depth
+
+
 def test_evaluation_runs_under_inference_mode() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
