@@ -14,6 +14,8 @@ Conventions (every record's ``params`` and ``cost``):
 
 from __future__ import annotations
 
+import time
+
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -154,11 +156,16 @@ def _model_image_size(model: nn.Module) -> int:
 class PeakMemory:
     """Peak memory during training: CUDA max allocated on a GPU, growth of the process RSS on the CPU."""
 
+    #: on the CPU, read the RSS at most this often (a read opens /proc; a cached trial steps every few ms)
+    CPU_SAMPLE_SECONDS = 0.05
+
     def __init__(self, device: str):
         self.device = device
         self.cuda = device.startswith("cuda")
         self.base = 0
         self.peak = 0
+        self._last = float("-inf")
+        self._process: Any = None
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
@@ -168,22 +175,27 @@ class PeakMemory:
             self.base = self.peak = self._rss()
         return self
 
-    def sample(self) -> None:
-        if not self.cuda:
+    def sample(self, force: bool = False) -> None:
+        if self.cuda:
+            return
+        now = time.perf_counter()
+        if force or now - self._last >= self.CPU_SAMPLE_SECONDS:
+            self._last = now
             self.peak = max(self.peak, self._rss())
 
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            self.sample()
+            self.sample(force=True)
 
-    @staticmethod
-    def _rss() -> int:
+    def _rss(self) -> int:
         try:
             import psutil
 
-            return int(psutil.Process().memory_info().rss)
+            if self._process is None:
+                self._process = psutil.Process()
+            return int(self._process.memory_info().rss)
         except ImportError:  # pragma: no cover
             return 0
 

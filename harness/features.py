@@ -112,7 +112,11 @@ class OnFrozen(nn.Module):
         return self._model.from_frozen(*frozen)
 
     def train(self, mode: bool = True) -> "OnFrozen":
-        self._model.train(mode)
+        # the loop switches modes every epoch; walking the whole backbone each time cost a cached linear-probe
+        # trial 15 % of its time, so only a change is passed on (all switches of the model come through here)
+        if getattr(self, "_applied", None) is not mode:
+            self._model.train(mode)
+            object.__setattr__(self, "_applied", mode)
         self.training = mode
         return self
 
