@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -202,5 +203,8 @@ def test_an_undecodable_image_stops_the_run_with_its_list_line(tmp_path, capsys)
                  "--seeds", "1", "--grid-points", "1", "--no-progress", "--no-table", *TINY_ARGS])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"harness: error: {root}/dtd/train800.txt:3: cannot decode "
-                          f"{root}/dtd/images/train800/000002.jpg: ")
+    errors = [line for line in err.splitlines() if line.startswith("harness: error: ")]
+    assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0]  # one message, last (after the cache's size)
+    assert errors[0].startswith(f"harness: error: {root}/dtd/train800.txt:3: cannot decode "
+                                f"{root}/dtd/images/train800/000002.jpg: ")
+    assert not list((Path(os.environ["HARNESS_CACHE_DIR"]) / "features").glob(".*.tmp"))  # no half-built cache left
