@@ -100,12 +100,13 @@ def read_cells(suite: Suite, store: Store, methods: list[str], tasks: list[str])
     from harness.api import TASKS
     from harness.table import final_frame, summarize
 
-    frame = final_frame(suite, store, methods, tasks)
+    states = {Cell(m, t): cell_state(suite, Cell(m, t), store, stale=False) for m in methods for t in tasks}
+    frame = final_frame(suite, store, methods, tasks, states)
     summary = summarize(frame, methods, tasks, len(suite.seeds))
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
         for task in tasks:
-            state = cell_state(suite, Cell(method, task), store, stale=False)
+            state = states[Cell(method, task)]
             stats = summary["cells"].get((method, task)) or {}
             rows = frame[(frame["method"] == method) & (frame["task"] == task)]
             finals = state.final_records

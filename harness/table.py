@@ -32,13 +32,17 @@ MISSING = "–"
 FRAME_COLUMNS = ["method", "task", "seed", "value", "trainable", "head", "total", "flops", "throughput", "memory"]
 
 
-def final_frame(suite: Suite, store: Store, methods: list[str], tasks: list[str]) -> pd.DataFrame:
-    """One row per ok final record that the protocol state counts for the given cells."""
+def final_frame(suite: Suite, store: Store, methods: list[str], tasks: list[str],
+                states: dict[Cell, Any] | None = None) -> pd.DataFrame:
+    """One row per ok final record that the protocol state counts for the given cells (``states``: the cells'
+    :func:`~harness.plan.cell_state`, when the caller has them already)."""
     import pandas as pd  # lazy: pandas costs ~0.4 s, and `harness --help` must not pay it
     rows = []
     for method in methods:
         for task in tasks:
-            for record in cell_state(suite, Cell(method, task), store, stale=False).final_records:
+            cell = Cell(method, task)
+            state = states[cell] if states is not None else cell_state(suite, cell, store, stale=False)
+            for record in state.final_records:
                 spec, cost = record["spec"], record.get("cost") or {}
                 rows.append({
                     "method": method, "task": task, "seed": spec["seed"],
