@@ -114,6 +114,9 @@ def test_a_bench_run_is_a_record_that_the_table_shows(bench_csv, fixed_suite, tm
     put(store, suite, "finetune", "demo-digits", [80.0, 90.0])
     text = build_table(suite, store, extra=("step",))
     assert "no harness bench record for vit_tiny_patch16_224" in text  # none under results/bench yet
+    header = [c.strip() for c in text.splitlines()[0].split("|")]
+    linear_row = [c.strip() for c in text.splitlines()[2].split("|")]
+    assert linear_row[1] == "linear" and linear_row[header.index("step (ms)")] == "–"
     (tmp_path / "results" / "bench").mkdir()
     old = {**record, "created_at": "2000-01-01T00:00:00+00:00",
            "rows": [{**r, "step_ms": 999.0} for r in record["rows"]]}
