@@ -235,3 +235,22 @@ def test_the_model_on_cached_outputs_is_the_same_model() -> None:
     assert on.training and model.training and not model.backbone.training
     x = torch.randn(3, 4)
     assert torch.equal(on((model.frozen_forward(x),)), model.from_frozen(model.backbone(x)))
+
+
+def test_the_run_header_says_which_methods_and_tasks_the_cache_can_serve(make_suite, tmp_path, capsys) -> None:
+    from harness.cli import main
+    from harness.commands.run import describe_cache
+    from harness.sweep import load_suite
+    from harness.train import TrialEnv
+
+    suite = make_suite(methods=["linear", "finetune"])
+    assert main(["run", "--suite", str(suite), "--dry-run"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("frozen-computation cache:"))
+    assert line.startswith("frozen-computation cache: linear on every task (float32, ")  # finetune declares none
+    assert main(["run", "--suite", str(suite), "--dry-run", "--no-cache"]) == 0
+    assert "frozen-computation cache: off (--no-cache)" in capsys.readouterr().out.splitlines()
+    loaded, env = load_suite(str(suite)), TrialEnv(cache_dir=tmp_path)
+    assert describe_cache(loaded, env, ["linear"], ["fgvc-cub"]) == (
+        "frozen-computation cache: not used (no task here has deterministic training transforms)")
+    assert describe_cache(loaded, env, ["linear", "toast"], ["demo-digits", "fgvc-cub"]).startswith(
+        "frozen-computation cache: linear, toast on 1 of 2 tasks")

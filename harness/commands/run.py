@@ -103,6 +103,27 @@ def describe_inputs(suite, env, task_names: list[str]) -> str:
             f"normalize: {mode} ({stats})")
 
 
+def describe_cache(suite, env, method_names: list[str], task_names: list[str]) -> str:
+    """One line: which of the run's methods and tasks the frozen-computation cache can serve (harness/features.py;
+    what it cannot know before a trial, such as drop-path, each record says), and where it lives."""
+    from harness.api import METHODS, TASKS
+
+    if not env.feature_cache:
+        return "frozen-computation cache: off (--no-cache)"
+    if suite.train.get("feature_cache", True) is False:
+        return "frozen-computation cache: off (train.feature_cache: false)"
+    users = [m for m in method_names if METHODS.get(m).frozen_features]
+    able = [t for t in task_names if TASKS.get(t).kind == "classification" and TASKS.get(t).deterministic_train]
+    if not users or not able:
+        why = "no method here declares a frozen part" if not users else \
+            "no task here has deterministic training transforms"
+        return f"frozen-computation cache: not used ({why})"
+    tasks = "every task" if len(able) == len(task_names) else f"{len(able)} of {len(task_names)} tasks"
+    dtype = suite.train.get("feature_cache_dtype", "float32")
+    return (f"frozen-computation cache: {', '.join(users)} on {tasks} ({dtype}, {env.cache_dir / 'features'}; "
+            "--no-cache turns it off)")
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
@@ -135,6 +156,7 @@ def main(args: argparse.Namespace) -> int:
         header += f"; overrides {suite.overrides}"
     print(header)
     print(describe_inputs(suite, env, task_names))
+    print(describe_cache(suite, env, method_names, task_names))
     if args.dry_run:
         print(tabulate(rows, headers="keys", tablefmt="simple"))
         return 0
