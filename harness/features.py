@@ -259,10 +259,9 @@ def build_split(model: nn.Module, dataset: Dataset, cache: SplitCache, shapes: l
                 labels[start:stop] = np.asarray(targets, dtype=np.int64)
                 bar.update(stop - start)
                 start = stop
-        for array, path, final in zip(arrays, tmp, (cache.array(i) for i in range(len(shapes)))):
+        for i, (array, path) in enumerate(zip(arrays, tmp)):
             array.flush()
-            del array
-            os.replace(path, final)
+            os.replace(path, cache.array(i))  # the open map follows the renamed file
         arrays.clear()
         atomic_save_npy(cache.labels, labels)
         atomic_write_json(cache.manifest, {"version": FEATURES_VERSION, "arrays": len(shapes), "count": n,
