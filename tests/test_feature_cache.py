@@ -254,3 +254,11 @@ def test_the_run_header_says_which_methods_and_tasks_the_cache_can_serve(make_su
         "frozen-computation cache: not used (no task here has deterministic training transforms)")
     assert describe_cache(loaded, env, ["linear", "toast"], ["demo-digits", "fgvc-cub"]).startswith(
         "frozen-computation cache: linear, toast on 1 of 2 tasks")
+
+
+def test_the_schema_offers_exactly_the_storage_dtypes_the_cache_writes() -> None:
+    """harness/schema.py lists them by hand (it must not import numpy); the two lists must not drift."""
+    from harness.features import STORAGE_DTYPES
+    from harness.schema import TRAIN
+
+    assert set(TRAIN["feature_cache_dtype"].choices) == set(STORAGE_DTYPES)
