@@ -91,9 +91,15 @@ class Method(abc.ABC):
 
     Subclasses set the class attributes and implement :meth:`build`. Which parameters train is whatever
     ``build`` leaves with ``requires_grad=True``; the training loop optimises exactly those.
+
+    ``version`` is part of every trial spec: bump it when a change alters what a trial computes (a fixed bug, a
+    new initialisation, another default), so the method's earlier records become stale and ``harness run``
+    trains its cells again. A change that computes the same numbers (a rename, a faster path) keeps it.
     """
 
     name: str = ""
+    #: the version of what this method computes (see the class docstring); records carry it as ``method_version``
+    version: int = 1
     family: str = ""
     description: str = ""
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw" (betas 0.9/0.999, eps 1e-6)
@@ -190,11 +196,16 @@ class Task(abc.ABC):
 
     The hooks below (``backbone_args``, ``build_model``, ``objective``, ``evaluate``, ``collate``, ``input_size``)
     are what the engine asks a task while it trains one trial; their defaults are image classification.
-    :class:`SegmentationTask` overrides them."""
+    :class:`SegmentationTask` overrides them.
+
+    ``version`` is part of every trial spec, as for :class:`Method`: bump it when a change alters what a trial on
+    the task computes (its splits, transforms, labels or metric), so its earlier records become stale."""
 
     #: "classification" (this class) or "segmentation" (:class:`SegmentationTask`)
     kind: str = "classification"
     name: str = ""
+    #: the version of what this task computes; records carry it as ``task_version``
+    version: int = 1
     family: str = ""  # the suite family that defines it: demo, vtab, fgvc, ...
     group: str = ""  # e.g. VTAB's natural / specialized / structured
     num_classes: int = 0
@@ -338,7 +349,10 @@ class SegmentationTask(Task):
 METHODS: Registry[Method] = Registry("method", "methods:INDEX")
 TASKS: Registry[Task] = Registry("task", "tasks:INDEX")
 #: named artifacts (backbone weights, pre-tuned checkpoints) that can be made or found on demand:
-#: name -> function(ArtifactRequest) -> Path. Referenced from sweeps as ``artifact:<name>``.
+#: name -> function(ArtifactRequest) -> Path. Referenced from sweeps as ``artifact:<name>``. A provider that is a
+#: stage of its own (TOAST's pre-tuning) sets a ``version`` attribute on the function (default 1; bump it when the
+#: stage's result changes, and put it in the artifact's cache key): the trial specs of every method that ``needs``
+#: the artifact carry it under ``artifact_versions``, so bumping it makes those records stale.
 ARTIFACTS: Registry[Callable[..., Path]] = Registry("artifact", "methods:ARTIFACTS", "tasks:ARTIFACTS")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.api import DEFAULT_IMAGE_SIZE, METHODS, TASKS, Method, Task
+from harness.api import ARTIFACTS, DEFAULT_IMAGE_SIZE, METHODS, TASKS, Method, Task
 from harness.errors import HarnessError
 from harness.sweep import Suite
 
@@ -23,11 +23,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: 2: specs are TrialSpec dataclasses; suite sections a method reads moved under ``sections``
 SPEC_VERSION = 2
+#: the code versions in a spec, with the value a record made before specs carried them reads as (a missing
+#: version is version 1, a missing artifact version is none). At these values they are left out of the id, so
+#: those records keep their ids and stay counted.
+UNVERSIONED: dict[str, Any] = {"method_version": 1, "task_version": 1, "artifact_versions": {}}
 
 
 def trial_id(spec: "TrialSpec | dict[str, Any]") -> str:
-    """A stable id: the first 16 hex digits of the sha256 of the spec's canonical JSON."""
+    """A stable id: the first 16 hex digits of the sha256 of the spec's canonical JSON (without the versions
+    that are at their :data:`UNVERSIONED` values)."""
     payload = spec.to_dict() if isinstance(spec, TrialSpec) else spec
+    payload = {k: v for k, v in payload.items() if k not in UNVERSIONED or v != UNVERSIONED[k]}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -63,6 +69,11 @@ class TrialSpec:
     overrides: dict[str, Any]
     #: the suite sections the method declared in ``suite_sections`` (e.g. TOAST's ``pretune``)
     sections: dict[str, Any] = field(default_factory=dict)
+    #: the versions of the code the trial runs (:func:`code_versions`); a bump makes older records stale
+    method_version: int = 1
+    task_version: int = 1
+    #: the version of each artifact the method ``needs`` whose provider is a stage (TOAST: ``toast-pretuned``)
+    artifact_versions: dict[str, int] = field(default_factory=dict)
     spec_version: int = SPEC_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +160,26 @@ def final_hparams_fixed(method: Method, task: Task, suite: Suite) -> dict[str, A
     return hp
 
 
+def code_versions(cell: Cell) -> dict[str, Any]:
+    """The versions of the code a cell's trials run, as spec fields: the method's, the task's, and those of the
+    artifacts the method needs (a provider's ``version`` attribute, default 1)."""
+    method = METHODS.get(cell.method)
+    return {"method_version": int(method.version), "task_version": int(TASKS.get(cell.task).version),
+            "artifact_versions": {name: int(getattr(ARTIFACTS.get(name), "version", 1)) for name in method.needs}}
+
+
+def version_changes(spec: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How a record's code versions differ from ``current`` (:func:`code_versions`), e.g.
+    ``["method_version 1 -> 2"]``; a field the record lacks reads as in :data:`UNVERSIONED`."""
+    old = {key: spec.get(key, default) for key, default in UNVERSIONED.items()}
+    changes = [f"{key} {old[key]} -> {current[key]}" for key in ("method_version", "task_version")
+               if old[key] != current[key]]
+    before, now = old["artifact_versions"], current["artifact_versions"]
+    changes += [f"{name} version {before.get(name, 'none')} -> {now.get(name, 'none')}"
+                for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+    return changes
+
+
 def make_spec(suite: Suite, cell: Cell, stage: str, hparams: dict[str, Any], seed: int) -> TrialSpec:
     section = suite.protocol["search" if stage == "search" else "final"]
     base = suite.spec_base()
@@ -159,6 +190,7 @@ def make_spec(suite: Suite, cell: Cell, stage: str, hparams: dict[str, Any], see
         backbone=base["backbone"], train=base["train"], data=base["data"], protocol=base["protocol"],
         overrides=base["overrides"],
         sections={key: suite.raw.get(key) for key in METHODS.get(cell.method).suite_sections},
+        **code_versions(cell),
     )
 
 
@@ -229,6 +261,18 @@ class Slot:
         return self.state in ("done", "diverged")
 
 
+@dataclass(frozen=True)
+class StaleRecord:
+    """A record of a cell's current settings that its plan no longer has, and why (never counted)."""
+
+    path: Path
+    reason: str  # e.g. "method_version 1 -> 2", or NOT_PLANNED
+
+
+#: why a stale record whose code versions are current is stale
+NOT_PLANNED = "not in the plan (an edited grid, or an earlier winner's finals)"
+
+
 @dataclass
 class CellState:
     """Where one cell stands in its protocol, computed from records alone by :func:`cell_state`.
@@ -245,7 +289,7 @@ class CellState:
     finals: list[Slot]
     n_finals: int  # planned final trials (the protocol's seeds), known before the winner is
     blocked: str = ""  # why the finals are not planned yet ("" when they are)
-    stale: list[Path] = field(default_factory=list)  # records of these settings that the plan no longer has
+    stale: list[StaleRecord] = field(default_factory=list)  # records of these settings the plan no longer has
 
     @property
     def slots(self) -> list[Slot]:
@@ -304,7 +348,8 @@ def cell_state(suite: Suite, cell: Cell, store: "Store", stale: bool = True) -> 
     """The one place that says, for a cell, which search trials exist, which point won and which final trials
     belong to it. ``harness run``, ``status``, the executors and ``table`` all ask this. With ``stale``, also
     lists the cell's records that have this suite's settings but are not part of the current plan (old grid
-    points, finals of an earlier winner): they are never counted."""
+    points, finals of an earlier winner, records of an older method, task or artifact version), each with its
+    reason: they are never counted."""
     task = TASKS.get(cell.task)
     search = [Slot(spec, store.read(spec)) for spec in search_specs(suite, cell)]
     winner, hparams, blocked = None, None, ""
@@ -325,5 +370,7 @@ def cell_state(suite: Suite, cell: Cell, store: "Store", stale: bool = True) -> 
     finals = [Slot(spec, store.read(spec)) for spec in final_specs(suite, cell, hparams)] if hparams is not None else []
     state = CellState(cell, search, winner, hparams, finals, n_finals=len(suite.seeds), blocked=blocked)
     if stale:
-        state.stale = store.unplanned(suite, cell, state.planned_ids)
+        current = code_versions(cell)
+        state.stale = [StaleRecord(path, ", ".join(version_changes(record["spec"], current)) or NOT_PLANNED)
+                       for path, record in store.unplanned(suite, cell, state.planned_ids)]
     return state

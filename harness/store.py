@@ -119,12 +119,13 @@ class Store:
                 found.append((path, record))
         return found
 
-    def unplanned(self, suite: "Suite", cell: Cell, planned_ids: set[str]) -> list[Path]:
-        """Records of a cell made with the suite's current settings that its plan no longer has (an edited grid,
-        an earlier winner's finals): stale, never counted. Records of other settings (a smoke run's overrides, an
-        earlier backbone) are not stale: they belong to another plan."""
+    def unplanned(self, suite: "Suite", cell: Cell, planned_ids: set[str]) -> list[tuple[Path, dict[str, Any]]]:
+        """Records (path, record) of a cell made with the suite's current settings that its plan no longer has
+        (an edited grid, an earlier winner's finals, an older method or task version): stale, never counted.
+        Records of other settings (a smoke run's overrides, an earlier backbone) are not stale: they belong to
+        another plan."""
         base = suite.spec_base()
-        return [path for path, record in self._records_under(self.cell_dir(suite.name, cell))
+        return [(path, record) for path, record in self._records_under(self.cell_dir(suite.name, cell))
                 if record["id"] not in planned_ids and same_settings(record["spec"], base)]
 
     def other_settings(self, suite: "Suite") -> list[dict[str, Any]]:

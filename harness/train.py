@@ -298,8 +298,10 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
 def _feature_keys(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, model: nn.Module, dctx: DataContext,
                   data_fingerprint: dict[str, str], amp: bool) -> dict[str, dict[str, Any]]:
     """What defines the cached features of the train and eval splits: the backbone's weights (their values) and
-    spec, the task's data and split, the transform, the inputs' size and normalisation, the precision."""
+    spec, the task's data and split, the transform, the inputs' size and normalisation, the precision, and the
+    method's and task's versions (a bump may change the frozen computation or the transforms)."""
     base = {"task": task.name, "frozen": method.frozen_features, "weights": module_fingerprint(model.backbone),
+            "method_version": spec.method_version, "task_version": spec.task_version,
             "backbone": backbone_spec_for(method, spec.backbone, spec.hparams, task.backbone_args(dctx)),
             "image_size": dctx.image_size, "mean": list(dctx.mean), "std": list(dctx.std),
             "settings": dctx.settings, "data_root": str(dctx.data_root),

@@ -56,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.api import FitResult
     from methods.toast import ToastMethod, TopDownViT
 
+#: the stage's version: bump it when a change alters the pre-tuned module. It is in the cache key (a new file is made)
+#: and, as the provider's ``version``, in the specs of the trials that load it (their older records become stale).
 #: 2: trained through harness.api.fit (per-epoch means), inputs (size, mean, std) in the key and the metadata
 PRETUNE_VERSION = 2
 DEFAULTS: dict[str, Any] = {
@@ -188,6 +190,9 @@ def toast_pretuned(request: ArtifactRequest) -> Path:
             run_pretune(request.backbone, cfg, method, path, data=_data_of(request), resolve=_resolver(request),
                         progress=request.progress)
     return path
+
+
+toast_pretuned.version = PRETUNE_VERSION  # type: ignore[attr-defined]  # recorded in trial specs (harness.api)
 
 
 def make_pretuned(request: ArtifactRequest, cfg: dict[str, Any], method: str, lookup: Path) -> Path:

@@ -17,7 +17,7 @@ import pytest
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.plan import Cell, TrialSpec, final_specs, plan_cells, search_specs
+from harness.plan import NOT_PLANNED, Cell, TrialSpec, final_specs, plan_cells, search_specs
 from harness.store import Store
 from harness.sweep import load_suite
 from harness.train import TrialEnv
@@ -311,4 +311,4 @@ def test_a_dead_end_through_the_cli_status_and_slurm(make_suite, tmp_path, capsy
     [report], _ = cell_reports(suite, plan_cells(["linear"], ["demo-digits"]), Store(results))
     assert (report.state, report.counts, report.stale) == ("pending", {"done": 0, "diverged": 0, "failed": 0,
                                                                       "pending": 2}, 1)
-    assert [p.name for p in report.stale_paths] == [f"search-{record['id']}.json"]
+    assert [(s.path.name, s.reason) for s in report.stale_records] == [(f"search-{record['id']}.json", NOT_PLANNED)]

@@ -131,3 +131,4 @@ def test_static_method_facts_equal_the_loaded_methods():
         facts, method = METHODS.static(name), METHODS.get(name)
         assert facts.get("family") == method.family and facts.get("description") == method.description
         assert facts.get("optimizer", "sgd") == method.optimizer and tuple(facts.get("needs", ())) == method.needs
+        assert facts.get("version", 1) == method.version

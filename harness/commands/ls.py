@@ -61,8 +61,8 @@ def list_methods(pattern: str, args: argparse.Namespace | None = None) -> str:
         # the listing reads each method's declared facts from its source (no torch import); only the cost
         # columns build the method
         facts = METHODS.static(name)
-        row: dict[str, Any] = {"method": name, "family": facts.get("family", ""),
-                               "optimizer": facts.get("optimizer", "sgd"),
+        row: dict[str, Any] = {"method": name, "version": facts.get("version", 1),
+                               "family": facts.get("family", ""), "optimizer": facts.get("optimizer", "sgd"),
                                "needs": ", ".join(facts.get("needs", ())) or "-"}
         if backbone:
             row.update(_cost_row(METHODS.get(name), args))
@@ -113,8 +113,8 @@ def list_tasks(pattern: str) -> str:
     rows = []
     for name in _pick(TASKS.names(), pattern):
         t = TASKS.get(name)
-        rows.append({"task": name, "family": t.family, "group": t.group, "classes": t.num_classes,
-                     "metric": t.metric, "splits": ", ".join(t.splits)})
+        rows.append({"task": name, "version": t.version, "family": t.family, "group": t.group,
+                     "classes": t.num_classes, "metric": t.metric, "splits": ", ".join(t.splits)})
     return tabulate(rows, headers="keys", tablefmt="simple")
 
 

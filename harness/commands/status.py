@@ -4,8 +4,9 @@ pending / failed / no result. For a failed cell it prints the job's log path and
 never waits on a job.
 
 Records that have the suite's current settings but that the plan no longer has (an edited grid's old points, the
-finals of an earlier winner) are *stale*: never counted in tables. The ``stale`` column counts them per cell and
-``--stale`` lists their files, so you can inspect or delete them.
+finals of an earlier winner, records of an older method, task or pre-tuning version) are *stale*: never counted in
+tables. The ``stale`` column counts them per cell and ``--stale`` lists their files with the reason (e.g.
+``method_version 1 -> 2``), so you can inspect or delete them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def add_parser(sub) -> None:
                             formatter_class=formatter)
     add_suite_args(parser)
     parser.add_argument("--stale", action="store_true",
-                        help="list the files of stale records (current settings, no longer in the plan)")
+                        help="list the files of stale records (current settings, no longer in the plan), each "
+                             "with the reason")
     parser.set_defaults(func=main)
 
 
@@ -62,11 +64,12 @@ def main(args: argparse.Namespace) -> int:
     stale = sum(r.stale for r in reports)
     if stale:
         print(f"{stale} stale record(s): made with these settings but no longer in the plan (an edited grid, an "
-              "earlier winner); never counted" + ("" if args.stale else "; list them with --stale"))
+              "earlier winner, an older method or task version); never counted"
+              + ("" if args.stale else "; list them with --stale"))
     if args.stale:
         for r in reports:
-            for path in r.stale_paths:
-                print(f"stale: {path}")
+            for record in r.stale_records:
+                print(f"stale: {record.path} ({record.reason})")
     for r in reports:
         if r.reason:
             print(f"\n{r.state}: {r.cell.key}: {r.reason}")

@@ -9,11 +9,10 @@ without finishing the cell; the reason names the job's log and its last error li
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from harness.executors.ledger import Ledger, jobs_dir
 from harness.executors.queue import ENDED_STATES, JobView, QueueUnavailable, job_views, log_tail
-from harness.plan import Cell, cell_state, cell_token
+from harness.plan import Cell, StaleRecord, cell_state, cell_token
 from harness.store import Store
 from harness.sweep import Suite
 
@@ -26,9 +25,9 @@ class CellReport:
     job: JobView | None = None
     reason: str = ""
     details: list[str] = field(default_factory=list)
-    #: records of the cell's current settings that its plan no longer has (never counted)
+    #: records of the cell's current settings that its plan no longer has (never counted), with the reason
     stale: int = 0
-    stale_paths: list[Path] = field(default_factory=list)
+    stale_records: list[StaleRecord] = field(default_factory=list)
 
 
 def cell_reports(suite: Suite, cells: list[Cell], store: Store) -> tuple[list[CellReport], str | None]:
@@ -46,7 +45,7 @@ def cell_reports(suite: Suite, cells: list[Cell], store: Store) -> tuple[list[Ce
         state = cell_state(suite, cell, store)
         counts = state.counts
         job = views.get(cell_token(suite, cell)) if views else None
-        report = CellReport(cell, "pending", counts, job, stale=len(state.stale), stale_paths=list(state.stale))
+        report = CellReport(cell, "pending", counts, job, stale=len(state.stale), stale_records=list(state.stale))
         if state.complete:
             report.state = "done"
         elif state.dead_end:
