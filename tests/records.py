@@ -10,10 +10,15 @@ FIXED = {"protocol": {"kind": "fixed", "final": {"train": "train800val200", "eva
          "fixed": {"linear": {"*": {"lr": 0.1, "weight_decay": 0.0}}, "finetune": {"*": {"lr": 0.1, "weight_decay": 0.0}}}}
 
 
+def ok_record(spec, value, trainable=1000):
+    """An ok record of ``spec`` with metric ``value``, as a trial would write it."""
+    return {"spec": spec, "status": "ok", "metrics": {"eval": value}, "curve": [],
+            "params": {"trainable": trainable, "head": 10, "total": 5000}, "provenance": {},
+            "cost": {"forward_flops": 2e9, "train_images_per_s": 100.0}}
+
+
 def put(store, suite, method, task, values, trainable=1000):
     """One ok final record per seed of ``method`` on ``task`` with metric ``values`` (in seed order)."""
     cell = Cell(method, task)
     for spec, value in zip(final_specs(suite, cell, fixed_hparams(suite, cell)), values):
-        store.write({"spec": spec, "status": "ok", "metrics": {"eval": value}, "curve": [],
-                     "params": {"trainable": trainable, "head": 10, "total": 5000}, "provenance": {},
-                     "cost": {"forward_flops": 2e9, "train_images_per_s": 100.0}})
+        store.write(ok_record(spec, value, trainable))
