@@ -29,11 +29,16 @@ SPEC_VERSION = 2
 UNVERSIONED: dict[str, Any] = {"method_version": 1, "task_version": 1, "artifact_versions": {}}
 
 
+def without_unversioned(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` without the version fields that are at their :data:`UNVERSIONED` values: what a key or id made
+    before versions existed hashed, so it stays the same."""
+    return {k: v for k, v in payload.items() if k not in UNVERSIONED or v != UNVERSIONED[k]}
+
+
 def trial_id(spec: "TrialSpec | dict[str, Any]") -> str:
     """A stable id: the first 16 hex digits of the sha256 of the spec's canonical JSON (without the versions
     that are at their :data:`UNVERSIONED` values)."""
-    payload = spec.to_dict() if isinstance(spec, TrialSpec) else spec
-    payload = {k: v for k, v in payload.items() if k not in UNVERSIONED or v != UNVERSIONED[k]}
+    payload = without_unversioned(spec.to_dict() if isinstance(spec, TrialSpec) else spec)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

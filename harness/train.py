@@ -41,7 +41,7 @@ from harness.inputs import artifact_resolver, data_context
 from harness.loop import (autocast_for, fit, pick_device, seed_everything, to_device, trainable_state,
                           warmup_cosine, warmup_poly)
 from harness.metrics import METRICS
-from harness.plan import TrialSpec
+from harness.plan import TrialSpec, without_unversioned
 from harness.provenance import provenance
 
 
@@ -299,9 +299,11 @@ def _feature_keys(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, mo
                   data_fingerprint: dict[str, str], amp: bool) -> dict[str, dict[str, Any]]:
     """What defines the cached features of the train and eval splits: the backbone's weights (their values) and
     spec, the task's data and split, the transform, the inputs' size and normalisation, the precision, and the
-    method's and task's versions (a bump may change the frozen computation or the transforms)."""
+    method's and task's versions (a bump may change the frozen computation or the transforms; at version 1 they
+    are left out, so caches made before versions existed stay valid)."""
+    versions = without_unversioned({"method_version": spec.method_version, "task_version": spec.task_version})
     base = {"task": task.name, "frozen": method.frozen_features, "weights": module_fingerprint(model.backbone),
-            "method_version": spec.method_version, "task_version": spec.task_version,
+            **versions,
             "backbone": backbone_spec_for(method, spec.backbone, spec.hparams, task.backbone_args(dctx)),
             "image_size": dctx.image_size, "mean": list(dctx.mean), "std": list(dctx.std),
             "settings": dctx.settings, "data_root": str(dctx.data_root),

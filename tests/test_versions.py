@@ -138,3 +138,17 @@ def test_ls_shows_the_version_column(what, name, registry, monkeypatch, capsys):
     assert version() == "1"
     monkeypatch.setattr(registry.get(name), "version", 2)
     assert version() == "2"
+
+
+def test_a_version_bump_does_not_reuse_cached_frozen_features(fixed_suite, tmp_path, monkeypatch, session_cache):
+    """The linear probe trains on cached backbone features: after a bump they are computed again, as the frozen
+    computation (or the task's transforms) may be what changed."""
+    path = fixed_suite(tasks=["demo-digits"])
+    run = ["run", "--suite", path, "--methods", "linear", "--seeds", "1", "--results", str(tmp_path / "r"),
+           "--no-progress", "--no-table"]
+    caches = lambda: set((session_cache / "features").rglob("*.json"))  # noqa: E731
+    for version in (7, 8):  # versions no other test uses: the cache is shared by the session
+        monkeypatch.setattr(METHODS.get("linear"), "version", version)
+        before = caches()
+        assert main(run) == 0
+        assert len(caches() - before) == 2  # the train and the eval split's features
