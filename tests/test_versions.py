@@ -43,6 +43,14 @@ def stale_lines(capsys, path, results):
     return sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("stale: "))
 
 
+def stale_counts(capsys, path, results):
+    """``harness status``'s stale column, per cell."""
+    assert main(["status", "--suite", path, "--results", str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = lines[0].split().index("stale")
+    return {line.split()[0]: int(line.split()[column]) for line in lines[2:] if "/" in line.split(" ")[0]}
+
+
 def test_records_made_before_versions_keep_their_ids(fixed_suite):
     """A spec at version 1 hashes as a spec without version fields does, so older records stay counted."""
     suite = load_suite(fixed_suite())
@@ -100,6 +108,8 @@ def test_a_task_version_bump_retrains_only_its_cells(fixed_suite, tmp_path, monk
     for method in ("linear", "finetune"):
         assert table_row(capsys, path, results, method)[1:3] == ["11.0 ± 1.0", "40.0 ± 0.0"]
 
+    assert stale_counts(capsys, path, results) == {"linear/demo-digits": 0, "linear/demo-position": 2,
+                                                   "finetune/demo-digits": 0, "finetune/demo-position": 2}
     lines = stale_lines(capsys, path, results)
     assert len(lines) == 4
     assert all(line.endswith(" (task_version 1 -> 3)") and "/demo-position/" in line for line in lines)
