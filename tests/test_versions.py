@@ -138,7 +138,8 @@ def test_a_pretuning_stage_version_is_in_the_specs_of_the_methods_that_need_it(m
     assert len(nopretune.final_records) == 1 and nopretune.stale == []
 
 
-@pytest.mark.parametrize(("what", "name", "registry"), [("methods", "linear", METHODS), ("tasks", "demo-digits", TASKS)])
+@pytest.mark.parametrize(("what", "name", "registry"),
+                         [("methods", "linear", METHODS), ("tasks", "demo-digits", TASKS)])
 def test_ls_shows_the_version_column(what, name, registry, monkeypatch, capsys):
     def version() -> str:
         assert main(["ls", what, name]) == 0
