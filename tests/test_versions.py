@@ -77,9 +77,9 @@ def test_a_method_version_bump_retrains_only_its_cells(fixed_suite, tmp_path, mo
     assert main(["run", "--suite", path, "--results", str(results), "--no-progress", "--no-table"]) == 0
     assert ran == [("linear", task, seed) for task in TASKS_2 for seed in (42, 44)]  # finetune's cells kept
 
-    new = {task: [cell_state(suite, Cell("linear", task), store).final_records] for task in TASKS_2}
-    values = {task: sorted(r["metrics"]["eval"] for r in new[task][0]) for task in TASKS_2}
-    assert all(r["spec"]["method_version"] == 2 for task in TASKS_2 for r in new[task][0])
+    new = {task: cell_state(suite, Cell("linear", task), store).final_records for task in TASKS_2}
+    values = {task: sorted(r["metrics"]["eval"] for r in new[task]) for task in TASKS_2}
+    assert all(r["spec"]["method_version"] == 2 for task in TASKS_2 for r in new[task])
     row = table_row(capsys, path, results, "linear")
     for column, task in enumerate(TASKS_2, start=1):
         mean, std = sum(values[task]) / 2, abs(values[task][1] - values[task][0]) / 2
