@@ -91,6 +91,11 @@ class Method(abc.ABC):
 
     Subclasses set the class attributes and implement :meth:`build`. Which parameters train is whatever
     ``build`` leaves with ``requires_grad=True``; the training loop optimises exactly those.
+
+    What is frozen runs in eval mode while the model trains when the model says so, and the engine keeps it so
+    (a model writes no ``train()`` override): ``model.frozen_modules`` names the submodules (dotted, e.g.
+    ``("backbone",)``; none when absent) and ``model.trains_in_frozen`` the modules inside them that keep training,
+    by the last part of their name (an adapter's own dropout, e.g. ``("lora_dropout",)``).
     """
 
     name: str = ""

@@ -67,7 +67,7 @@ from torch import nn
 
 from harness.api import BuildContext, Method
 from harness.errors import HarnessError
-from methods.common import freeze, make_head
+from methods.common import freeze, frozen_backbone, make_head
 
 #: docs/protocol.md §5.5: TOAST's ``tune_vtab.py --grid-search-type topdown``
 TOAST_GRID = {"lr": [1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
@@ -176,7 +176,7 @@ class TopDownViT(nn.Module):
         self.source, self.target = feedback_span(feedback, self.depth)
         self.token_selection = token_selection
         self.v_bias_twice = v_bias_twice
-        self.frozen_eval = frozen_eval
+        self.frozen_modules = frozen_backbone(frozen_eval)
         #: the settings a loaded checkpoint brought (see :func:`load_top_down`); empty when none was loaded
         self.checkpoint_settings: dict[str, Any] = {}
         dim = backbone.embed_dim
@@ -188,12 +188,6 @@ class TopDownViT(nn.Module):
     @property
     def feedback_layers(self) -> range:
         return range(self.target, self.source)
-
-    def train(self, mode: bool = True) -> "TopDownViT":
-        super().train(mode)
-        if mode and self.frozen_eval:
-            self.backbone.eval()
-        return self
 
     # -- the four steps ----------------------------------------------------------------------------------------
     def first_pass(self, x: torch.Tensor, taps: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
