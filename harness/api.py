@@ -166,10 +166,12 @@ class Method(abc.ABC):
 
         return segmentation_model(self.build(backbone, task.num_classes, ctx), backbone, task, ctx)
 
-    def decays(self, param_name: str, param: "torch.nn.Parameter") -> bool:
-        """Whether weight decay applies to a trainable parameter. Default: everything but the head's bias (as the
-        official SGD code does); AdamW methods exclude biases and norms."""
-        if self.optimizer == "adamw":
+    def decays(self, param_name: str, param: "torch.nn.Parameter", optimizer: str | None = None) -> bool:
+        """Whether weight decay applies to a trainable parameter under ``optimizer`` (default: the method's own).
+        SGD: everything but the head's bias (as the official SGD code does); AdamW: matrices only, no norms (so no
+        biases, norms or vectors such as TOAST's xi). A stage with its own optimiser (TOAST's pre-tuning, AdamW)
+        asks with its kind."""
+        if (optimizer or self.optimizer) == "adamw":
             return param.ndim > 1 and "norm" not in param_name
         return not param_name.endswith("head.bias")
 

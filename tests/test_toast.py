@@ -14,7 +14,8 @@ from harness.api import METHODS, BuildContext
 from harness.errors import HarnessError
 from harness.backbone import build_backbone
 from harness.loop import train_mode
-from methods.toast import TopDownViT, load_top_down, read_checkpoint, top_down_state
+from methods.toast_checkpoint import load_top_down, read_checkpoint, top_down_state
+from methods.toast_model import TopDownViT
 from conftest import TINY_BACKBONE, TINY_PRETUNE
 
 TOAST_METHODS = ["toast", "toast-lite", "toast-early", "toast-late", "toast-nopretune", "toast-notoken",
