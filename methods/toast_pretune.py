@@ -322,9 +322,10 @@ def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
 def pretune_optimizer(model: TopDownViT, cfg: dict[str, Any], method: Method) -> torch.optim.AdamW:
     """AdamW over what pre-tuning trains (xi, the feedback path, the upstream head, and P with ``train_P``:
     :func:`methods.toast_model.train_top_down`), decaying what the method's rule decays under AdamW."""
-    params = train_top_down(model, transform=bool(cfg["train_P"]))
-    decay = [p for name, p in params if method.decays(name, p, "adamw")]
-    no_decay = [p for name, p in params if not method.decays(name, p, "adamw")]
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in train_top_down(model, transform=bool(cfg["train_P"])):
+        (decay if method.decays(name, param, "adamw") else no_decay).append(param)
     return torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
                               {"params": no_decay, "weight_decay": 0.0}], lr=float(cfg["lr"]))
 
