@@ -91,11 +91,6 @@ class Method(abc.ABC):
 
     Subclasses set the class attributes and implement :meth:`build`. Which parameters train is whatever
     ``build`` leaves with ``requires_grad=True``; the training loop optimises exactly those.
-
-    What is frozen runs in eval mode while the model trains when the model says so, and the engine keeps it so
-    (a model writes no ``train()`` override): ``model.frozen_modules`` names the submodules (dotted, e.g.
-    ``("backbone",)``; none when absent) and ``model.trains_in_frozen`` the modules inside them that keep training,
-    by the last part of their name (an adapter's own dropout, e.g. ``("lora_dropout",)``).
     """
 
     name: str = ""
@@ -109,6 +104,11 @@ class Method(abc.ABC):
     defaults: dict[str, Any] = {}
     #: artifacts the method needs resolved before it can build (e.g. a pre-tuned top-down checkpoint)
     needs: tuple[str, ...] = ()
+    # What of the model runs in eval mode while it trains is the model's declaration, and the engine keeps it so
+    # (harness.loop.train_mode; a model writes no ``train()`` override): ``model.frozen_modules`` names the frozen
+    # submodules (dotted, e.g. ``("backbone",)``; none when absent), ``model.trains_in_frozen`` the modules inside
+    # them that still train, by the last part of their name (an adapter's own dropout: ``("lora_dropout",)``).
+
     #: what of the model is frozen and may be computed once and cached (:mod:`harness.features`), as a name that
     #: is part of the cache key (methods whose frozen parts compute the same thing share it): ``"pooled"`` for the
     #: linear probe, ``"first-pass"`` for TOAST. The model then offers ``frozen_forward(images)`` (a tensor or a
