@@ -110,6 +110,11 @@ class Method(abc.ABC):
     defaults: dict[str, Any] = {}
     #: artifacts the method needs resolved before it can build (e.g. a pre-tuned top-down checkpoint)
     needs: tuple[str, ...] = ()
+    # What of the model runs in eval mode while it trains is the model's declaration, and the engine keeps it so
+    # (harness.loop.train_mode; a model writes no ``train()`` override): ``model.frozen_modules`` names the frozen
+    # submodules (dotted, e.g. ``("backbone",)``; none when absent), ``model.trains_in_frozen`` the modules inside
+    # them that still train, by the last part of their name (an adapter's own dropout: ``("lora_dropout",)``).
+
     #: what of the model is frozen and may be computed once and cached (:mod:`harness.features`), as a name that
     #: is part of the cache key (methods whose frozen parts compute the same thing share it): ``"pooled"`` for the
     #: linear probe, ``"first-pass"`` for TOAST. The model then offers ``frozen_forward(images)`` (a tensor or a
@@ -167,10 +172,12 @@ class Method(abc.ABC):
 
         return segmentation_model(self.build(backbone, task.num_classes, ctx), backbone, task, ctx)
 
-    def decays(self, param_name: str, param: "torch.nn.Parameter") -> bool:
-        """Whether weight decay applies to a trainable parameter. Default: everything but the head's bias (as the
-        official SGD code does); AdamW methods exclude biases and norms."""
-        if self.optimizer == "adamw":
+    def decays(self, param_name: str, param: "torch.nn.Parameter", optimizer: str | None = None) -> bool:
+        """Whether weight decay applies to a trainable parameter under ``optimizer`` (default: the method's own).
+        SGD: everything but the head's bias (as the official SGD code does); AdamW: matrices only, no norms (so no
+        biases, norms or vectors such as TOAST's xi). A stage with its own optimiser (TOAST's pre-tuning, AdamW)
+        asks with its kind."""
+        if (optimizer or self.optimizer) == "adamw":
             return param.ndim > 1 and "norm" not in param_name
         return not param_name.endswith("head.bias")
 

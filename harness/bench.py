@@ -167,7 +167,7 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
     from harness.cost import PeakMemory, forward_flops, parameter_counts
     import torch
 
-    from harness.loop import autocast_for, cross_entropy, seed_everything, train_step
+    from harness.loop import autocast_for, cross_entropy, seed_everything, train_mode, train_step
     from harness.store import default_cache_dir
     from harness.train import assemble_model, make_optimizer
 
@@ -179,7 +179,7 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
         model = assemble_model(method, spec, hparams, cache_dir=default_cache_dir(), device=device,
                                num_classes=config.num_classes, random_init=True).to(device)
         optimizer = make_optimizer(method, model, float(hparams["lr"]), hparams)
-        model.train()
+        train_mode(model)
 
         def step() -> None:
             nonlocal finite

@@ -67,7 +67,9 @@ def forward_flops(model: nn.Module, image_size: int | tuple[int, int],
                 continue
         return None
     finally:
-        model.train(was_training)
+        from harness.loop import train_mode
+
+        train_mode(model, was_training)
 
 
 def _extra_flop_formulas() -> dict[Any, Any]:

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from harness.files import atomic_save_npy, atomic_write_json, file_lock
-from harness.loop import autocast_for
+from harness.loop import autocast_for, train_mode
 
 #: bump when what a cached file holds changes
 FEATURES_VERSION = 2
@@ -80,9 +80,9 @@ def refusal(method: Any, task: Any, model: nn.Module, train: dict[str, Any], ena
     if any(p.requires_grad for p in backbone.parameters()):
         return "backbone weights train"
     was_training = model.training
-    model.train()
+    train_mode(model)
     training = any(m.training for m in backbone.modules())
-    model.train(was_training)
+    train_mode(model, was_training)
     if training:
         return "the frozen backbone runs in training mode (frozen_eval: false: drop-path is random)"
     return None
@@ -95,8 +95,8 @@ def storage_dtype(train: dict[str, Any]) -> str:
 class OnFrozen(nn.Module):
     """The model's trainable rest, applied to cached frozen outputs: ``forward(tensors) = model.from_frozen(*tensors)``.
     Its submodules and parameters are the model's own under the same names, so the optimiser, checkpoints and kept
-    weights see one model either way; ``train``/``eval`` go through the model's own (which keeps a frozen backbone in
-    eval mode)."""
+    weights see one model either way; ``train``/``eval`` switch the model as the loop would
+    (:func:`harness.loop.train_mode`: its declared frozen modules stay in eval mode)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -115,7 +115,7 @@ class OnFrozen(nn.Module):
         # the loop switches modes every epoch; walking the whole backbone each time cost a cached linear-probe
         # trial 15 % of its time, so only a change is passed on (all switches of the model come through here)
         if getattr(self, "_applied", None) is not mode:
-            self._model.train(mode)
+            train_mode(self._model, mode)
             object.__setattr__(self, "_applied", mode)
         self.training = mode
         return self
@@ -228,7 +228,7 @@ class _evaluating:
         self.model.eval()
 
     def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was)
+        train_mode(self.model, self.was)
 
 
 def build_split(model: nn.Module, dataset: Dataset, cache: SplitCache, shapes: list[tuple[int, ...]], *,

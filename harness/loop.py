@@ -107,6 +107,24 @@ class FitResult:
         return self.train_images / self.train_seconds if self.train_seconds else None
 
 
+def train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
+    """``model.train(mode)``, keeping what the model declares frozen in eval mode while it trains: the submodules
+    named in its ``frozen_modules`` (dotted names, e.g. ``("backbone",)``) run in eval mode (no dropout, drop-path or
+    BatchNorm updates in frozen weights), except modules inside them whose last name part is in
+    ``trains_in_frozen`` (an adapter's own dropout, e.g. peft's ``lora_dropout``). Methods declare; the engine
+    switches models to training only through here, so no model overrides ``train()``."""
+    model.train(mode)
+    if mode:
+        exempt = set(getattr(model, "trains_in_frozen", ()))
+        for name in getattr(model, "frozen_modules", ()):
+            frozen = model.get_submodule(name).eval()
+            if exempt:
+                for sub, module in frozen.named_modules():
+                    if sub.rsplit(".", 1)[-1] in exempt:
+                        module.train()
+    return model
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -175,7 +193,7 @@ def fit(
     try:
         with PeakMemory(device) as memory:
             for epoch in epoch_iter:
-                model.train()
+                train_mode(model)
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
                 total_loss, seen, sums = 0.0, 0, {}

@@ -104,6 +104,15 @@ class SegmentationModel(nn.Module):
         self.num_classes = num_classes
 
     @property
+    def frozen_modules(self) -> tuple[str, ...]:
+        """What the method's model declares frozen (:func:`harness.loop.train_mode`), under ``encoder.``."""
+        return tuple(f"encoder.{name}" for name in getattr(self.encoder, "frozen_modules", ()))
+
+    @property
+    def trains_in_frozen(self) -> tuple[str, ...]:
+        return tuple(getattr(self.encoder, "trains_in_frozen", ()))
+
+    @property
     def checkpoint_settings(self) -> dict[str, Any] | None:
         """What a checkpoint the method loaded brought (TOAST's), recorded with the trial."""
         return getattr(self.encoder, "checkpoint_settings", None)

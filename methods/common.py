@@ -1,4 +1,5 @@
-"""Pieces shared by methods: the classification head, freezing, and the backbone + head model."""
+"""Pieces shared by methods: the classification head, freezing, what a model declares frozen, and the backbone +
+head model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def frozen_backbone(frozen_eval: bool) -> tuple[str, ...]:
+    """A model's ``frozen_modules`` (:class:`harness.api.Method`): its frozen ``backbone`` runs in eval mode while
+    the model trains (no dropout or drop-path in frozen weights, as official VPT), unless the trial sets
+    ``frozen_eval: false`` (the TOAST code's choice: drop-path stays on)."""
+    return ("backbone",) if frozen_eval else ()
 
 
 def make_head(in_features: int, num_classes: int) -> nn.Linear:
@@ -29,17 +37,14 @@ def feature_dim(backbone: nn.Module) -> int:
 
 class BackboneClassifier(nn.Module):
     """``head(backbone(x))``, where the timm backbone has no classifier and returns its pooled features (for a ViT,
-    the CLS token after the final norm).
-
-    ``frozen_eval`` keeps the backbone in eval mode while training (no dropout or drop-path in frozen weights), as
-    official VPT does; set it False to match the TOAST code, which leaves drop-path on in the frozen backbone.
-    """
+    the CLS token after the final norm). ``frozen_eval``: see :func:`frozen_backbone` (False for full fine-tuning,
+    whose backbone trains)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, frozen_eval: bool = True):
         super().__init__()
         self.backbone = backbone
         self.head = make_head(feature_dim(backbone), num_classes)
-        self.frozen_eval = frozen_eval
+        self.frozen_modules = frozen_backbone(frozen_eval)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -50,9 +55,3 @@ class BackboneClassifier(nn.Module):
 
     def from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
-
-    def train(self, mode: bool = True) -> "BackboneClassifier":
-        super().train(mode)
-        if mode and self.frozen_eval:
-            self.backbone.eval()
-        return self

@@ -21,29 +21,24 @@ from torch import nn
 
 from harness.api import BuildContext, Method
 from harness.errors import HarnessError
-from methods.common import feature_dim, freeze, make_head
+from methods.common import feature_dim, freeze, frozen_backbone, make_head
 
 
 class LoRAClassifier(nn.Module):
-    """``head(backbone(x))`` where ``backbone`` carries peft LoRA adapters."""
+    """``head(backbone(x))`` where ``backbone`` carries peft LoRA adapters. With ``frozen_eval`` the backbone runs
+    in eval mode while training, except the adapters' own dropout."""
+
+    #: the adapters' dropout trains inside the frozen backbone (harness.loop.train_mode)
+    trains_in_frozen = ("lora_dropout",)
 
     def __init__(self, backbone: nn.Module, num_classes: int, frozen_eval: bool = True):
         super().__init__()
         self.backbone = backbone
         self.head = make_head(feature_dim(backbone), num_classes)
-        self.frozen_eval = frozen_eval
+        self.frozen_modules = frozen_backbone(frozen_eval)
 
     def forward(self, x):
         return self.head(self.backbone(x))
-
-    def train(self, mode: bool = True) -> "LoRAClassifier":
-        super().train(mode)
-        if mode and self.frozen_eval:
-            self.backbone.eval()
-            for name, module in self.backbone.named_modules():
-                if name.rsplit(".", 1)[-1] == "lora_dropout":  # the adapters' own dropout still trains
-                    module.train(mode)
-        return self
 
 
 def _target_modules(value: Any) -> list[str]:

@@ -44,17 +44,18 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext
+from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext, Method
 from harness.errors import HarnessError, did_you_mean
+from methods.toast_checkpoint import top_down_state
+from methods.toast_model import TopDownViT, train_top_down
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.api import FitResult
-    from methods.toast import ToastMethod, TopDownViT
 
 #: the stage's version: bump it when a change alters the pre-tuned module. It is in the cache key (a new file is made)
 #: and, as the provider's ``version``, in the specs of the trials that load it (their older records become stale).
@@ -121,14 +122,30 @@ def resume_path(output: Path) -> Path:
     return Path(str(output) + ".ckpt.pt")
 
 
-def toast_method(name: str) -> "ToastMethod":
-    """The registered TOAST method ``name`` (any method with a top-down architecture), or a clear error."""
-    from methods.toast import ToastMethod
+class TopDownMethod(Protocol):
+    """What the stage asks of a TOAST method (:class:`methods.toast.ToastMethod`; this module does not import it:
+    the methods use the stage, not the other way round)."""
 
+    name: str
+    feedback: str  # the feedback span: what a pre-tuned module must match
+    pretuned: bool  # False: the method starts from a random top-down module
+
+    def make_model(self, backbone: torch.nn.Module, num_classes: int, hparams: dict[str, Any]) -> TopDownViT: ...
+
+    def decays(self, param_name: str, param: torch.nn.Parameter, optimizer: str | None = None) -> bool: ...
+
+
+def toast_method(name: str) -> TopDownMethod:
+    """The registered TOAST method ``name`` (any method with a top-down architecture), or a clear error."""
     method = METHODS.get(name)
-    if not isinstance(method, ToastMethod):
+    if not all(hasattr(method, attr) for attr in ("make_model", "feedback", "pretuned")):
         raise HarnessError(f"'{name}' is not a TOAST method; pre-tuning is for toast, toast-early, toast-late, ...")
     return method
+
+
+def pretune_architecture(method: TopDownMethod) -> dict[str, Any]:
+    """What a pre-tuned checkpoint must match: the feedback span (token selection on or off shares one module)."""
+    return {"feedback": method.feedback}
 
 
 def pretune_command(suite: str, method: str, overrides: dict[str, Any] | None = None) -> str:
@@ -149,8 +166,6 @@ def pretune_command(suite: str, method: str, overrides: dict[str, Any] | None = 
 def toast_pretuned(request: ArtifactRequest) -> Path:
     """The pre-tuned top-down module for ``request.method`` (see the module docstring for the order); with
     ``request.make`` the stage runs now (see :func:`make_pretuned`)."""
-    from methods.toast import pretune_architecture
-
     method = request.method or "toast"
     toast = toast_method(method)
     command = pretune_command(request.suite, method, request.overrides)
@@ -287,24 +302,12 @@ def lr_at(step: int, total: int, warmup: int, cooldown: int, lr: float, min_lr: 
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / decay))
 
 
-def trainable_for_pretune(model: "TopDownViT", train_P: bool) -> list[torch.nn.Parameter]:
-    """Freeze everything but xi, P (if ``train_P``), the feedback path and the (upstream) head."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [model.prompt, *model.decoders.parameters(), *model.head.parameters()]
-    if train_P:
-        params.append(model.top_down_transform)
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
 def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
     """The stage's objective for ``harness.api.fit``: CE (the mean of both passes' CE when ``first_pass_ce`` and the
     first pass runs whole) + ``var_loss_weight`` x the variational loss. Logs ce, var, acc and, when there is a
     whole first pass, acc_first (the bottom-up features with the same head, for comparison)."""
 
-    def objective(model: "TopDownViT", images: torch.Tensor, labels: torch.Tensor):
+    def objective(model: TopDownViT, images: torch.Tensor, labels: torch.Tensor):
         out = model.forward_detailed(images, var_loss=var_loss_weight > 0)
         logits = model.head(out.features).float()
         ce = F.cross_entropy(logits, labels)
@@ -321,23 +324,31 @@ def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
     return objective
 
 
-def pretune_model(model: "TopDownViT", loader, cfg: dict[str, Any], device: str = "cpu", progress: bool = True,
+def pretune_optimizer(model: TopDownViT, cfg: dict[str, Any], method: Method) -> torch.optim.AdamW:
+    """AdamW over what pre-tuning trains (xi, the feedback path, the upstream head, and P with ``train_P``:
+    :func:`methods.toast_model.train_top_down`), decaying what the method's rule decays under AdamW."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in train_top_down(model, transform=bool(cfg["train_P"])):
+        (decay if method.decays(name, param, "adamw") else no_decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=float(cfg["lr"]))
+
+
+def pretune_model(model: TopDownViT, loader, cfg: dict[str, Any], device: str = "cpu", progress: bool = True,
                   desc: str = "pre-tuning TOAST", checkpoint: Path | None = None,
-                  generator: torch.Generator | None = None) -> "FitResult":
+                  generator: torch.Generator | None = None, method: Method | None = None) -> "FitResult":
     """Train the top-down module of ``model`` (a TopDownViT with an upstream head, on ``device``) in place through
     ``harness.api.fit``; the result's history has one entry per epoch (means of ce, var, acc, acc_first). With
     ``checkpoint``, an interrupted run resumes from its last finished epoch (pass the loader's ``generator`` so the
-    shuffling resumes too). A non-finite loss is a HarnessError."""
+    shuffling resumes too). ``method`` (default ``toast``) gives the decay rule. A non-finite loss is a
+    HarnessError."""
     from harness.api import fit
 
     lr = float(cfg["lr"])
     if not lr > 0:
         raise HarnessError(f"pretune.lr: expected a positive learning rate, got {cfg['lr']!r}")
-    params = trainable_for_pretune(model, bool(cfg["train_P"]))
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = pretune_optimizer(model, cfg, method or METHODS.get("toast"))
     epochs, steps_per_epoch = int(cfg["epochs"]), len(loader)
     total = epochs * steps_per_epoch
     warmup, cooldown = int(cfg["warmup_epochs"]) * steps_per_epoch, int(cfg["cooldown_epochs"]) * steps_per_epoch
@@ -369,20 +380,13 @@ def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str,
     The inputs are ``data`` (the trials' DataContext). While it runs, ``<output>.ckpt.pt`` holds the resumable state
     (with ``<output>.ckpt.json`` naming the settings it belongs to): running again with the same settings resumes
     from it; a leftover of other settings is discarded."""
-    from harness.api import build_backbone, file_fingerprint, pick_device, provenance, resolve_weights, seed_everything
-    from methods.toast import pretune_architecture, top_down_state
+    from harness.api import build_backbone, pick_device, seed_everything
 
     device = device or pick_device()
     toast = toast_method(method)
     output = Path(output)
     key = cache_key(backbone_spec, cfg, pretune_architecture(toast), data)
-    checkpoint = resume_path(output)
-    checkpoint_key = checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".json")
-    if checkpoint.exists():
-        made_for = json.loads(checkpoint_key.read_text()).get("key") if checkpoint_key.is_file() else None
-        if made_for != key:
-            print(f"discarding {checkpoint}: it is the state of a pre-tuning with other settings")
-            checkpoint.unlink()
+    checkpoint, checkpoint_key = _resume_files(output, key)
     output.parent.mkdir(parents=True, exist_ok=True)
 
     seed_everything(int(cfg["seed"]))
@@ -402,10 +406,39 @@ def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str,
     checkpoint_key.write_text(json.dumps({"key": key, "output": str(output)}))
     try:
         result = pretune_model(model, loader, cfg, device, desc=f"pre-tuning TOAST ({method}, once)",
-                               progress=progress, checkpoint=checkpoint, generator=generator)
+                               progress=progress, checkpoint=checkpoint, generator=generator, method=toast)
     finally:
         if not checkpoint.exists():  # finished, diverged, or stopped before its first checkpoint: nothing to resume
             checkpoint_key.unlink(missing_ok=True)
+    source = {"task": cfg["task"], "split": cfg["split"], "image_folder": cfg["image_folder"],
+              "images": len(dataset), "classes": num_classes, "fingerprint": fingerprint}
+    meta = pretune_metadata(method, toast, key, backbone_spec, cfg, data, source, resolve, device, result,
+                            time.perf_counter() - t0)
+    _write_pretuned(output, model, meta)
+    return meta
+
+
+def _resume_files(output: Path, key: str) -> tuple[Path, Path]:
+    """(resumable state, its settings file) of a pre-tuning into ``output``; a leftover state of other settings
+    (another ``key``) is discarded."""
+    checkpoint = resume_path(output)
+    checkpoint_key = checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".json")
+    if checkpoint.exists():
+        made_for = json.loads(checkpoint_key.read_text()).get("key") if checkpoint_key.is_file() else None
+        if made_for != key:
+            print(f"discarding {checkpoint}: it is the state of a pre-tuning with other settings")
+            checkpoint.unlink()
+    return checkpoint, checkpoint_key
+
+
+def pretune_metadata(method: str, toast: TopDownMethod, key: str, backbone_spec: dict[str, Any],
+                     cfg: dict[str, Any], data: DataContext, source: dict[str, Any],
+                     resolve: Callable[[str], Path] | None, device: str, result: "FitResult",
+                     seconds: float) -> dict[str, Any]:
+    """What a pre-tuned file says about itself (plain types only: loadable with ``weights_only=True``): ``source``
+    is the data it was pre-tuned on, ``data`` the inputs' settings."""
+    from harness.api import file_fingerprint, provenance, resolve_weights
+
     weights = resolve_weights(backbone_spec, resolve)
     meta = {
         "format": "toast-pretuned", "version": PRETUNE_VERSION, "method": method, "key": key,
@@ -415,18 +448,20 @@ def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str,
         "pretune": {k: v for k, v in cfg.items() if k != "checkpoint"},
         "settings": {"v_bias_twice": bool(cfg["v_bias_twice"]), "train_P": bool(cfg["train_P"])},
         "inputs": inputs_of(data),
-        "data": {"task": cfg["task"], "split": cfg["split"], "image_folder": cfg["image_folder"],
-                 "images": len(dataset), "classes": num_classes, "fingerprint": fingerprint},
+        "data": source,
         "epochs": epoch_summary(result.history),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(seconds, 2),
         "created_at": datetime.now(timezone.utc).isoformat(),
         "provenance": provenance(device),
     }
     if result.resumed_from:
         meta["resumed_from_epoch"] = result.resumed_from
-    meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only=True
+    return json.loads(json.dumps(meta, default=str))
+
+
+def _write_pretuned(output: Path, model: TopDownViT, meta: dict[str, Any]) -> None:
+    """The torch file (atomically: temp file + rename) and its JSON sidecar."""
     tmp = output.with_name(output.name + ".tmp")
     torch.save({"model": top_down_state(model), "harness": meta}, tmp)
     os.replace(tmp, output)
     output.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    return meta

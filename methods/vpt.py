@@ -30,7 +30,7 @@ from torch import nn
 
 from harness.api import BuildContext, Method, Task
 from harness.errors import HarnessError
-from methods.common import feature_dim, freeze, make_head
+from methods.common import feature_dim, freeze, frozen_backbone, make_head
 
 #: VPT-deep prompt lengths on VTAB-1k, keyed by the VTAB-1k folder name (docs/protocol.md §4.1)
 VTAB_PROMPT_LENGTH: dict[str, int] = {
@@ -80,7 +80,7 @@ class PromptedViT(nn.Module):
         self.backbone = backbone
         self.prompt_length = int(prompt_length)
         self.deep = bool(deep)
-        self.frozen_eval = bool(frozen_eval)
+        self.frozen_modules = frozen_backbone(bool(frozen_eval))
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 1))
         dim = feature_dim(backbone)
         patch = tuple(getattr(backbone.patch_embed, "patch_size", (16, 16)))
@@ -121,12 +121,6 @@ class PromptedViT(nn.Module):
         cls = self.forward_features(images)[:, 0]
         fc_norm = getattr(self.backbone, "fc_norm", None)
         return self.head(fc_norm(cls) if fc_norm is not None else cls)
-
-    def train(self, mode: bool = True) -> "PromptedViT":
-        super().train(mode)
-        if mode and self.frozen_eval:
-            self.backbone.eval()
-        return self
 
 
 class _VPT(Method):

@@ -181,11 +181,7 @@ class _Split(nn.Module):
         super().__init__()
         self.backbone, self.head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 2)
         self.prompt = nn.Parameter(torch.zeros(4))
-
-    def train(self, mode: bool = True):  # the frozen backbone stays in eval mode (frozen_eval)
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        self.frozen_modules = ("backbone",)  # the frozen backbone stays in eval mode (frozen_eval)
 
     def frozen_forward(self, x):
         return self.backbone(x)

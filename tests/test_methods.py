@@ -18,6 +18,7 @@ from harness.cost import forward_flops, parameter_counts
 from harness.errors import HarnessError
 from harness.train import trainable_state
 from harness.backbone import build_backbone
+from harness.loop import train_mode
 
 NUM_CLASSES = 5
 IMAGE_SIZE = TINY_BACKBONE["model_args"]["img_size"]
@@ -66,7 +67,7 @@ def test_method_trains_exactly_its_trainable_parameters(name: str) -> None:
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     got_gradient: set[str] = set()
-    model.train()
+    train_mode(model)
     for step in range(2):
         images, labels = _batch(step)
         loss = F.cross_entropy(model(images), labels)
@@ -75,7 +76,7 @@ def test_method_trains_exactly_its_trainable_parameters(name: str) -> None:
         got_gradient |= {n for n, p in params.items() if p.grad is not None and torch.count_nonzero(p.grad) > 0}
         optimizer.step()
     model.eval()  # switching modes must not touch weights (loralib merges LoRA into W on eval(); peft must not)
-    model.train()
+    train_mode(model)
     after = model.state_dict()
     assert set(trainable) <= set(after), f"{name}: trainable parameters missing from state_dict"
     no_gradient = sorted(k for k in trainable if k in params and k not in got_gradient)
@@ -163,7 +164,7 @@ def test_vpt_shallow_inserts_prompts_once_and_vpt_init() -> None:
     assert values.abs().max() <= bound and values.abs().max() > 0.95 * bound
 
     # the frozen backbone stays in eval mode while training; the prompt dropout trains (0.1 deep, 0 shallow)
-    deep.train()
+    train_mode(deep)
     assert not any(m.training for m in deep.backbone.modules()) and deep.prompt_dropout.training
     assert deep.prompt_dropout.p == 0.1 and model.prompt_dropout.p == 0.0
 
@@ -271,3 +272,23 @@ def test_finetune_optimizer_typo_is_refused_before_anything_runs(make_suite) -> 
                                            r"'oficial'"):
         load_suite(str(path))
     assert load_suite(str(make_suite(settings={"finetune": {"optimizer": "official"}}))).methods
+
+
+def test_method_files_import_each_other_one_way():
+    """No import cycle among methods/ (TOAST's methods use its pre-tuning stage; the stage never imports them)."""
+    from test_imports import imported_modules, sources
+
+    graph = {f"methods.{p.stem}": {m for _, m in imported_modules(p) if m.startswith("methods.")}
+             for p in sources("methods") if p.stem != "__init__"}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), list(graph.get(start, ()))
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph.get(module, ())
+        return seen
+
+    assert not [m for m in graph if m in reachable(m)], "import cycle among methods/"
+    assert "methods.toast" not in reachable("methods.toast_pretune")

@@ -11,7 +11,7 @@ import torch
 
 from harness.api import DataContext
 from harness.errors import HarnessError
-from methods.toast import read_checkpoint
+from methods.toast_checkpoint import read_checkpoint
 from methods.toast_pretune import DEFAULTS, resume_path, run_pretune
 from conftest import TINY_BACKBONE, TINY_PRETUNE
 

@@ -234,6 +234,12 @@ def test_features_drop_prompt_tokens_and_resize_position_embeddings():
     trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"encoder.prompt_embeddings", "encoder.deep_prompt_embeddings", "head.decode",
                          "head.auxiliary"}
+    # the method's declared frozen backbone stays in eval mode inside the segmentation model too
+    from harness.loop import train_mode
+
+    train_mode(model)
+    assert model.head.training and model.encoder.prompt_dropout.training
+    assert not any(m.training for m in model.encoder.backbone.modules())
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from harness.api import METHODS, BuildContext
 from harness.errors import HarnessError
 from harness.backbone import build_backbone
-from methods.toast import TopDownViT, load_top_down, read_checkpoint, top_down_state
+from harness.loop import train_mode
+from methods.toast_checkpoint import load_top_down, read_checkpoint, top_down_state
+from methods.toast_model import TopDownViT
 from conftest import TINY_BACKBONE, TINY_PRETUNE
 
 TOAST_METHODS = ["toast", "toast-lite", "toast-early", "toast-late", "toast-nopretune", "toast-notoken",
@@ -140,8 +142,8 @@ def test_train_p_false_freezes_p_as_the_official_code():
 
 def test_frozen_eval_setting_controls_drop_path():
     spec = {**DEEP, "model_args": {**DEEP["model_args"], "drop_path_rate": 0.5}}
-    assert not build("toast", spec).train().backbone.training
-    assert build("toast", spec, frozen_eval=False).train().backbone.training
+    assert not train_mode(build("toast", spec)).backbone.training
+    assert train_mode(build("toast", spec, frozen_eval=False)).backbone.training
 
 
 def test_variational_loss_decreases_during_pretuning():
