@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.metrics import METRICS
+
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
 
 
@@ -81,7 +83,7 @@ def autocast_for(device: str, amp: bool = True):
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> Objective:
-    """The classification objective: cross-entropy of ``model(images)`` (and the batch accuracy as a log)."""
+    """The classification objective: cross-entropy of ``model(images)`` (it logs nothing besides the loss)."""
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
@@ -90,6 +92,7 @@ def cross_entropy(label_smoothing: float = 0.0) -> Objective:
         return loss, {}
 
     return objective
+
 
 
 @dataclass
@@ -116,6 +119,19 @@ def to_device(batch: Any, device: str) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(item, device) for item in batch)
     return batch.to(device, non_blocking=True)
+
+
+def evaluate(model: nn.Module, loader: Any, device: str, metric: str, num_classes: int, amp: bool = True) -> float:
+    """A classification metric (:data:`harness.metrics.METRICS`) of the arg-max predictions over a whole split."""
+    model.eval()
+    preds, labels = [], []
+    with torch.inference_mode():
+        for images, targets in loader:
+            with autocast_for(device, amp):
+                logits = model(to_device(images, device))
+            preds.append(logits.float().argmax(dim=1).cpu())
+            labels.append(targets)
+    return METRICS[metric](torch.cat(preds), torch.cat(labels), num_classes)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, images: torch.Tensor,

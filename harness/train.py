@@ -10,8 +10,8 @@ An iteration budget (``train.iters``, segmentation's protocol) trains that many 
 ``epochs``, stepping the schedule per step (``train.schedule``: ``cosine`` or mmseg's ``poly``, with
 ``warmup_iters``), drawing full batches, and evaluating once at the end. ``train.optimizer`` may replace the method's
 optimiser kind for a whole suite, and ``train.no_decay`` its weight-decay rule (no decay on parameters whose name
-contains any of the listed strings). What the model is, its loss and its metric come from the task
-(:class:`harness.api.Task`'s hooks: classification by default, segmentation for a ``SegmentationTask``).
+contains any of the listed strings). What the model is, its loss and its metric come from the task's kind
+(:mod:`harness.kinds`: classification, or segmentation for a ``SegmentationTask``) unless the task overrides them.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from harness import kinds
 from harness.api import METHODS, TASKS, BuildContext, DataContext, Method, Task
 from harness.backbone import build_backbone, file_fingerprint, resolve_weights
 from harness.cost import forward_flops, parameter_counts
 from harness.errors import HarnessError
 from harness.features import CacheRefused, frozen_loaders, module_fingerprint, refusal, storage_dtype
 from harness.inputs import artifact_resolver, data_context
-from harness.loop import (autocast_for, fit, pick_device, seed_everything, to_device, trainable_state,
-                          warmup_cosine, warmup_poly)
-from harness.metrics import METRICS
+from harness.loop import fit, pick_device, seed_everything, trainable_state, warmup_cosine, warmup_poly
 from harness.plan import TrialSpec
 from harness.provenance import provenance
 
@@ -93,7 +92,7 @@ def assemble_model(method: Method, backbone: dict[str, Any], hparams: dict[str, 
                    data: DataContext | None = None, resolve: Callable[[str], Path] | None = None,
                    random_init: bool = False) -> nn.Module:
     """Backbone + method, the way every trial builds them (no data is read): the timm backbone of ``backbone``
-    with the method's and the task's model arguments, then the task's model of the method (``task.build_model``),
+    with the method's and the task's model arguments, then the task's model of the method (:mod:`harness.kinds`),
     or without a task ``method.build`` with a ``num_classes`` head. ``random_init``: built to be measured only
     (``harness bench``), so the method resolves no artifact (TOAST's pre-tuned module) and starts from its random
     initialisation. The caller seeds."""
@@ -103,7 +102,7 @@ def assemble_model(method: Method, backbone: dict[str, Any], hparams: dict[str, 
     ctx = BuildContext(hparams=hparams, suite=suite, cache_dir=cache_dir, device=device, task=task, data=data,
                        random_init=random_init, **extra)
     if task is not None:
-        return task.build_model(method, model_backbone, ctx)
+        return kinds.build_model(method, task, model_backbone, ctx)
     if num_classes is None:
         raise ValueError("assemble_model: num_classes is needed when no task is given")
     return method.build(model_backbone, num_classes, ctx)
@@ -143,19 +142,6 @@ def make_optimizer(method: Method, model: nn.Module, lr: float, hparams: dict[st
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     raise ValueError(f"method {method.name}: unknown optimizer {kind!r}")
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device: str, metric: str, num_classes: int,
-             amp: bool = True) -> float:
-    model.eval()
-    preds, labels = [], []
-    with torch.inference_mode():
-        for images, targets in loader:
-            with autocast_for(device, amp):
-                logits = model(to_device(images, device))
-            preds.append(logits.float().argmax(dim=1).cpu())
-            labels.append(targets)
-    return METRICS[metric](torch.cat(preds), torch.cat(labels), num_classes)
 
 
 def usable_cpus() -> int:
@@ -219,10 +205,10 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(spec.seed)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
                               drop_last=iters is not None and len(train_set) >= batch_size,  # full batches
-                              collate_fn=task.collate(True),
+                              collate_fn=kinds.collate(task, True),
                               worker_init_fn=_seed_worker if loading["num_workers"] else None, **loading)
     eval_loader = DataLoader(eval_set, batch_size=int(train_cfg.get("eval_batch_size", 2 * batch_size)),
-                             shuffle=False, collate_fn=task.collate(False), **loading)
+                             shuffle=False, collate_fn=kinds.collate(task, False), **loading)
     schedule = str(train_cfg.get("schedule", "cosine"))
     if iters is not None:  # an iteration budget: per-step schedule, as many passes as it takes, one evaluation
         epochs = math.ceil(iters / max(1, len(train_loader)))
@@ -258,12 +244,12 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     details: dict[str, Any] = {}  # what the last evaluation kept besides the number (per-class IoU)
 
     def eval_metric(trained: nn.Module) -> dict[str, float]:
-        found = task.evaluate(trained, eval_loader, device, dctx, amp)
+        found = kinds.evaluate(task, trained, eval_loader, device, dctx, amp)
         details.clear()
         details.update({k: v for k, v in found.items() if k != "eval"})
         return {"eval": found["eval"]}
 
-    result = fit(fit_model, train_loader, optimizer, epochs=epochs, objective=task.objective(train_cfg, dctx),
+    result = fit(fit_model, train_loader, optimizer, epochs=epochs, objective=kinds.objective(task, train_cfg, dctx),
                  lr_factor=lr_factor, per_step=per_step, evaluate=eval_metric, device=device,
                  amp=amp, generator=generator, checkpoint=checkpoint, checkpoint_every=env.checkpoint_every,
                  progress=f"{spec.method}/{spec.task} {spec.stage}" if env.progress else None,
