@@ -10,7 +10,8 @@ Engine services for plug-ins (imported lazily on first use, so ``import harness.
 ``fit`` and ``FitResult`` (the one training loop), ``warmup_cosine``, ``seed_everything``, ``pick_device``, ``build_backbone``,
 ``resolve_weights``, ``file_fingerprint``, ``file_lock``, ``atomic_write_json``, ``provenance``, ``cls_attention``,
 ``segmentation_model`` (the engine's ViT segmentation model, for a method that overrides
-:meth:`Method.build_segmentation`).
+:meth:`Method.build_segmentation`), ``data_identity`` (a data section without where the data lives: what an
+artifact's key may hold).
 
 Task kinds: a :class:`Task` is a classification task (items ``(image, int label)``, one logit vector per image). A
 :class:`SegmentationTask` (``kind = "segmentation"``) has items ``(image, label map)`` and the metric mIoU; a method
@@ -60,6 +61,7 @@ _SERVICES = {
     "provenance": "harness.provenance:provenance",
     "cls_attention": "harness.attention:cls_attention",
     "segmentation_model": "harness.segmentation:segmentation_model",
+    "data_identity": "harness.inputs:data_identity",
 }
 
 

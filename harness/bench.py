@@ -298,8 +298,7 @@ def run_grid(suite_name: str = "demo", task: str | None = None, grid_points: int
     try:
         for cache in (False, True):
             bar.set_description(f"{method}/{task} {'cache' if cache else 'no cache'}")
-            env = TrialEnv(cache_dir=default_cache_dir(), data_root=suite.data_root,
-                           data_roots=dict(suite.data.get("roots") or {}), progress=False, feature_cache=cache)
+            env = TrialEnv.for_suite(suite, default_cache_dir(), progress=False, feature_cache=cache)
             t0 = time.perf_counter()
             records = []
             for spec in specs:

@@ -34,7 +34,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.files import atomic_write_json
-from harness.plan import Cell, cell_state
+from harness.plan import Cell, cell_state, goodness
 from harness.runs import Run, latest_run, list_runs, open_run, runs_root, runs_since
 from harness.schema import flaky_pair
 from harness.store import Store
@@ -259,11 +259,11 @@ def compare_cell(key: str, base: dict[str, Any] | None, cur: dict[str, Any], tol
         elif cur["n"] < base["n"]:
             flag("seeds", f"{cur['n']} of the baseline's {base['n']} seeds")
         if cur["n"] and base.get("mean") is not None:
-            sign = 1.0 if base.get("higher_is_better", True) else -1.0
             delta = float(cur["mean"]) - float(base["mean"])
+            change = goodness(delta, base.get("higher_is_better", True))
             tolerance = tol.drop(base.get("std"))
-            row.update(delta=delta, change=sign * delta, tolerance=tolerance)
-            if -sign * delta > tolerance:
+            row.update(delta=delta, change=change, tolerance=tolerance)
+            if -change > tolerance:
                 flag("drop", f"{base['mean']:.2f} -> {cur['mean']:.2f} ({delta:+.2f}; tolerance {tolerance:.2f} = "
                              f"max({tol.abs_tol:g}, {tol.k:g} x std {float(base.get('std') or 0):.2f}))")
         same_device = (base.get("memory_kind") == cur["memory_kind"] and base.get("device") == cur["device"])

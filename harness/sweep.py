@@ -19,6 +19,7 @@ import yaml
 
 from harness.api import METHODS, TASKS, Task
 from harness.errors import HarnessError, did_you_mean
+from harness.inputs import LOCATION_KEYS, data_identity
 from harness.schema import DATA_KEYS, NO_DEFAULT, Key, SECTIONS, Problem, check_mapping, flaky_pair, key_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,13 +133,11 @@ class Suite:
 
     def spec_base(self) -> dict[str, Any]:
         """The parts of every trial spec that come from the suite (not from the cell or the grid point)."""
-        # where data lives (root, per-task roots) does not change what a trial computes
-        data = {k: v for k, v in self.data.items() if k not in ("root", "roots")}
         return {
             "suite": self.name,
             "backbone": self.backbone,
             "train": self.train,
-            "data": data,
+            "data": data_identity(self.data),
             "protocol": self.protocol,
             "overrides": self.overrides,
         }
@@ -159,7 +158,7 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 #: suite keys that say where or how to run, not what a trial computes: --set on them is not a trial override
-NOT_TRIAL_KEYS = ("description", "task_lists", "executor", "slurm", "flaky", "data.root", "data.roots")
+NOT_TRIAL_KEYS = ("description", "task_lists", "executor", "slurm", "flaky", *(f"data.{k}" for k in LOCATION_KEYS))
 
 
 def _outside_trials(dotted: str) -> bool:

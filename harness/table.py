@@ -16,7 +16,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from harness.api import TASKS
-from harness.plan import Cell, cell_state
+from harness.plan import Cell, cell_state, goodness
 from harness.reference import Comparison, reference_csv, reference_rows
 from harness.store import Store
 from harness.sweep import Suite
@@ -147,6 +147,24 @@ def compare_footnote(reference: str, alpha: float) -> str:
             f"p < {alpha:g}; cells with fewer than 2 seeds on either side are not tested")
 
 
+def higher_is_better(tasks: list[str]) -> bool | None:
+    """The direction of a column over ``tasks`` (its task, or the tasks a mean averages): the tasks' shared
+    ``higher_is_better``; None when they disagree (such a mean has no better side)."""
+    directions = {TASKS.get(t).higher_is_better if t in TASKS else True for t in tasks}
+    return directions.pop() if len(directions) == 1 else None
+
+
+def best_values(numeric: dict[str, dict[str, float]], members: dict[str, list[str]]) -> dict[str, float]:
+    """Per column with more than one value: the best value in its metric's direction (:func:`harness.plan.goodness`
+    over the tasks in ``members[column]``); a column of mixed directions has none."""
+    best = {}
+    for col, values in numeric.items():
+        direction = higher_is_better(members[col])
+        if len(values) > 1 and direction is not None:
+            best[col] = max(values.values(), key=lambda v: goodness(v, direction))
+    return best
+
+
 def build_table(suite: Suite, store: Store, methods: list[str] | None = None, tasks: list[str] | None = None,
                 fmt: str = "markdown", extra: tuple[str, ...] = ("params",), missing: list[str] | None = None,
                 compare: str | None = None, alpha: float = 0.05, reference: Comparison | None = None) -> str:
@@ -215,7 +233,10 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
                 numeric[f"{group} (mean)"][method] = s["means"][(method, group)]
         if (method, "mean") in s["means"]:
             numeric["mean"][method] = s["means"][(method, "mean")]
-    best = {col: max(vals.values()) for col, vals in numeric.items() if len(vals) > 1}
+    members = {task: [task] for task in ordered_tasks}  # the tasks each column's value comes from
+    members.update({f"{group} (mean)": s["groups"][group] for group in group_cols})
+    members["mean"] = ordered_tasks
+    best = best_values(numeric, members)
 
     def mark(text: str) -> str:
         return f"**{text}**"  # LaTeX's renderer turns it into \\textbf

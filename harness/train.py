@@ -42,6 +42,7 @@ from harness.inputs import artifact_resolver, data_context
 from harness.loop import fit, pick_device, seed_everything, trainable_state, warmup_cosine, warmup_poly
 from harness.plan import TrialSpec
 from harness.provenance import provenance
+from harness.sweep import Suite
 
 
 @dataclass
@@ -63,6 +64,13 @@ class TrialEnv:
     results_root: Path | None = None
     #: the frozen-computation cache (:mod:`harness.features`) where a method and task allow it (``--no-cache``)
     feature_cache: bool = True
+
+    @classmethod
+    def for_suite(cls, suite: Suite, cache_dir: Path, **options: Any) -> "TrialEnv":
+        """The environment of a suite's trials: where its data lives (``data.root``, the per-task ``data.roots``)
+        plus ``options`` (device, progress, feature_cache, ...)."""
+        return cls(cache_dir=Path(cache_dir), data_root=suite.data_root,
+                   data_roots=dict(suite.data.get("roots") or {}), **options)
 
     def data_context(self, spec: TrialSpec) -> DataContext:
         data = dict(spec.data)
