@@ -408,7 +408,8 @@ def test_a_night_on_slurm_submits_the_grid_and_a_report_job_that_runs_after_it(m
 def test_the_slurm_report_job_writes_the_report_and_fails_on_a_regression(nightly, results, capsys, tmp_path):
     """What the report job does once SLURM starts it (called here directly): a regression is written, then raised,
     so the job ends FAILED; a comparison that cannot be made still writes a report that says why."""
-    from harness.regress import ReportJob, Tolerances
+    from harness.executors.report import ReportJob
+    from harness.regress import Tolerances
 
     suite = load_suite(nightly)
     plant(results, nightly, "base")
