@@ -22,7 +22,7 @@ from harness.loop import evaluate as evaluate_classification
 
 
 @dataclass(frozen=True)
-class Kind:
+class TaskKind:
     """One kind of task's behaviour: each entry takes the task first."""
 
     build_model: Callable[[Method, Task, nn.Module, BuildContext], nn.Module]
@@ -31,7 +31,7 @@ class Kind:
     evaluate: Callable[..., dict[str, Any]]  # (task, model, loader, device, ctx, amp)
 
 
-CLASSIFICATION = Kind(
+CLASSIFICATION = TaskKind(
     build_model=lambda method, task, backbone, ctx: method.build(backbone, task.num_classes, ctx),
     objective=lambda task, train, ctx: cross_entropy(float(train.get("label_smoothing", 0.0))),
     collate=lambda task, train: None,
@@ -39,14 +39,14 @@ CLASSIFICATION = Kind(
         "eval": evaluate_classification(model, loader, device, task.metric, task.num_classes, amp)},
 )
 
-SEGMENTATION = Kind(build_model=segmentation.build_segmentation, objective=segmentation.objective_for,
+SEGMENTATION = TaskKind(build_model=segmentation.build_segmentation, objective=segmentation.objective_for,
                     collate=segmentation.collate_for, evaluate=segmentation.evaluate_for)
 
 #: kind name (a task's ``kind``) -> the engine's behaviour for it
-KINDS: dict[str, Kind] = {"classification": CLASSIFICATION, "segmentation": SEGMENTATION}
+KINDS: dict[str, TaskKind] = {"classification": CLASSIFICATION, "segmentation": SEGMENTATION}
 
 
-def kind_of(task: Task) -> Kind:
+def kind_of(task: Task) -> TaskKind:
     try:
         return KINDS[task.kind]
     except KeyError:
