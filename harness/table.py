@@ -336,7 +336,7 @@ def override_flags(overrides: dict[str, Any]) -> str:
 def attach_bench(summary: dict[str, Any], folder, backbone: str, methods: list[str]) -> str:
     """Put the newest ``harness bench`` record's step times for ``backbone``'s architecture into the summary's cost
     (``step_ms``, ``step_vs_finetune``, ``cached_step_ms``); the footnote says which run they come from."""
-    from harness.bench import architecture, latest_record
+    from harness.bench_records import architecture, latest_record
 
     found = latest_record(folder, backbone)
     if found is None:
