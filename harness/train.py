@@ -206,48 +206,18 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     amp = bool(train_cfg.get("amp", True))
 
     dctx = env.data_context(spec)
-    train_set = task.dataset(spec.train_split, dctx, train=True)
-    eval_set = task.dataset(spec.eval_split, dctx, train=False)
-    data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
-    loading = loader_options(int(train_cfg.get("num_workers", 0)), device)
     generator = torch.Generator().manual_seed(spec.seed)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                              drop_last=iters is not None and len(train_set) >= batch_size,  # full batches
-                              collate_fn=kinds.collate(task, True),
-                              worker_init_fn=_seed_worker if loading["num_workers"] else None, **loading)
-    eval_loader = DataLoader(eval_set, batch_size=int(train_cfg.get("eval_batch_size", 2 * batch_size)),
-                             shuffle=False, collate_fn=kinds.collate(task, False), **loading)
-    schedule = str(train_cfg.get("schedule", "cosine"))
-    if iters is not None:  # an iteration budget: per-step schedule, as many passes as it takes, one evaluation
-        epochs = math.ceil(iters / max(1, len(train_loader)))
-        warmup, total, per_step = int(train_cfg.get("warmup_iters", 0)), iters, True
-    else:
-        epochs = int(train_cfg["epochs"])
-        warmup, total, per_step = int(train_cfg.get("warmup_epochs", method.warmup_epochs)), epochs, False
-    if schedule == "poly":
-        power, ratio = float(train_cfg.get("poly_power", 1.0)), float(train_cfg.get("warmup_ratio", 1e-6))
-        lr_factor = lambda i: warmup_poly(i, warmup, total, power, ratio)  # noqa: E731
-    else:
-        lr_factor = lambda i: warmup_cosine(i, warmup, total)  # noqa: E731
+    train_loader, eval_loader = _loaders(spec, task, dctx, device, generator, full_batches=iters is not None)
+    data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
+    epochs, lr_factor, per_step = _schedule(train_cfg, method, iters, len(train_loader))
 
     model = build_model(spec, env).to(device)
     params = parameter_counts(model)
     flops = forward_flops(model, task.input_size(dctx), device)
     optimizer = make_optimizer(method, model, lr, hp, train_cfg)
-    fit_model, feature_cache = model, "off"
-    reason = refusal(method, task, model, train_cfg, env.feature_cache)
-    if reason is None and not all(data_fingerprint.values()):
-        reason = f"task {task.name} gives no data fingerprint"
-    if reason is None:  # train and evaluate the model's trainable rest on its frozen part's cached outputs
-        try:
-            fit_model, loaders = frozen_loaders(
-                model, {"train": train_loader, "eval": eval_loader},
-                _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
-                env.cache_dir, device, amp, storage_dtype(train_cfg), env.progress)
-            train_loader, eval_loader = loaders["train"], loaders["eval"]
-        except CacheRefused as refused:
-            reason = str(refused)
-    feature_cache = "used" if reason is None else f"off: {reason}"
+    fit_model, loaders, feature_cache = _on_frozen(spec, env, method, task, model, dctx, data_fingerprint,
+                                                   {"train": train_loader, "eval": eval_loader}, amp)
+    train_loader, eval_loader = loaders["train"], loaders["eval"]
     checkpoint = env.checkpoint_dir / f"{spec.id}.ckpt.pt" if env.checkpoint_dir else None
     details: dict[str, Any] = {}  # what the last evaluation kept besides the number (per-class IoU)
 
@@ -287,6 +257,60 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     if env.keep_weights and status == "ok":
         out["weights_file"] = str(_save_trained_weights(spec, env, model))
     return out
+
+
+def _loaders(spec: TrialSpec, task: Task, dctx: DataContext, device: str, generator: torch.Generator,
+             full_batches: bool) -> tuple[DataLoader, DataLoader]:
+    """The trial's training loader (shuffled by ``generator``; only full batches under an iteration budget,
+    ``full_batches``) and its evaluation loader, with the task kind's collate."""
+    train_cfg = spec.train
+    batch_size = int(train_cfg["batch_size"])
+    train_set = task.dataset(spec.train_split, dctx, train=True)
+    eval_set = task.dataset(spec.eval_split, dctx, train=False)
+    loading = loader_options(int(train_cfg.get("num_workers", 0)), device)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                              drop_last=full_batches and len(train_set) >= batch_size,
+                              collate_fn=kinds.collate(task, True),
+                              worker_init_fn=_seed_worker if loading["num_workers"] else None, **loading)
+    eval_loader = DataLoader(eval_set, batch_size=int(train_cfg.get("eval_batch_size", 2 * batch_size)),
+                             shuffle=False, collate_fn=kinds.collate(task, False), **loading)
+    return train_loader, eval_loader
+
+
+def _schedule(train_cfg: dict[str, Any], method: Method, iters: int | None,
+              batches: int) -> tuple[int, Callable[[int], float], bool]:
+    """(epochs, lr_factor, per_step): per-epoch warmup + cosine (or ``poly``) over ``epochs``; under an iteration
+    budget (``iters``) stepped per optimiser step over as many passes of ``batches`` as it takes."""
+    if iters is not None:  # an iteration budget: per-step schedule, as many passes as it takes, one evaluation
+        epochs = math.ceil(iters / max(1, batches))
+        warmup, total, per_step = int(train_cfg.get("warmup_iters", 0)), iters, True
+    else:
+        epochs = int(train_cfg["epochs"])
+        warmup, total, per_step = int(train_cfg.get("warmup_epochs", method.warmup_epochs)), epochs, False
+    if str(train_cfg.get("schedule", "cosine")) == "poly":
+        power, ratio = float(train_cfg.get("poly_power", 1.0)), float(train_cfg.get("warmup_ratio", 1e-6))
+        return epochs, lambda i: warmup_poly(i, warmup, total, power, ratio), per_step
+    return epochs, lambda i: warmup_cosine(i, warmup, total), per_step
+
+
+def _on_frozen(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, model: nn.Module, dctx: DataContext,
+               data_fingerprint: dict[str, str], loaders: dict[str, DataLoader],
+               amp: bool) -> tuple[nn.Module, dict[str, DataLoader], str]:
+    """(the model to fit, its loaders, the record's ``feature_cache``): the model's trainable rest on its frozen
+    part's cached outputs where the cache may serve the trial (:func:`harness.features.refusal`), else the model on
+    images with the reason it may not."""
+    reason = refusal(method, task, model, spec.train, env.feature_cache)
+    if reason is None and not all(data_fingerprint.values()):
+        reason = f"task {task.name} gives no data fingerprint"
+    if reason is None:
+        try:
+            on_frozen, cached = frozen_loaders(
+                model, loaders, _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
+                env.cache_dir, env.device, amp, storage_dtype(spec.train), env.progress)
+            return on_frozen, cached, "used"
+        except CacheRefused as refused:
+            reason = str(refused)
+    return model, loaders, f"off: {reason}"
 
 
 def _feature_keys(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, model: nn.Module, dctx: DataContext,
