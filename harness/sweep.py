@@ -193,7 +193,18 @@ def load_suite(
     problems name the flag (``--set``, ``--epochs``, ...) instead of a line. The overrides that change what a trial
     is are kept in ``suite.overrides`` and go into every trial spec, so smoke runs never mix with full-protocol
     records."""
-    path = suite_path(name_or_path)
+    suite = read_suite(suite_path(name_or_path))
+    validate(suite)
+    overrides, sources = apply_overrides(suite.raw, epochs=epochs, seeds=seeds, grid_points=grid_points,
+                                         backbone=backbone, weights=weights, data_root=data_root, sets=sets)
+    suite.overrides = overrides
+    if sources:
+        validate(suite, sources)
+    return suite
+
+
+def read_suite(path: Path) -> Suite:
+    """The suite file as read (YAML, a mapping at the top level), not yet validated."""
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -202,11 +213,17 @@ def load_suite(
         raise HarnessError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a mapping of suite settings at the top level")
-    suite = Suite(name=str(raw.get("suite") or path.stem), path=path, raw=raw)
-    validate(suite)
+    return Suite(name=str(raw.get("suite") or path.stem), path=path, raw=raw)
 
+
+def apply_overrides(raw: dict[str, Any], *, epochs: int | None = None, seeds: int | None = None,
+                    grid_points: int | None = None, backbone: str | None = None, weights: str | None = None,
+                    data_root: str | None = None,
+                    sets: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Apply the command line's overrides to a suite's ``raw`` content in place. Returns (the overrides that change
+    what a trial is, for ``Suite.overrides``; dotted key -> the flag that set it, so a problem it causes names the
+    flag)."""
     overrides: dict[str, Any] = {}
-    #: dotted key -> the flag that set it, so that a problem it causes names the flag
     sources: dict[str, str] = {}
     if epochs is not None:
         raw["train"]["epochs"] = overrides["epochs"] = int(epochs)
@@ -240,10 +257,7 @@ def load_suite(
             raw["data"] = {}
         raw["data"]["root"] = data_root
         sources.setdefault("data.root", "--data-root")
-    suite.overrides = overrides
-    if sources:
-        validate(suite, sources)
-    return suite
+    return overrides, sources
 
 
 # -- validation ------------------------------------------------------------------------------------------------------

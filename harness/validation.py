@@ -17,40 +17,14 @@ def suite_problems(raw: dict[str, Any]) -> list[SuiteProblem]:
     """Every problem of a suite's content (all of them, not the first). Method modules are imported only for the
     methods named under grids, settings and fixed (and, for a section such as ``pretune``, the suite's methods);
     task modules only for the tasks whose data keys are needed."""
-    problems: list[SuiteProblem] = []
-    for name in raw:
-        if name not in SECTIONS:
-            problems.append(((str(name),), f"unknown key{did_you_mean(str(name), SECTIONS)} "
-                                           f"(known: {', '.join(SECTIONS)})"))
-    ok: dict[str, Any] = {}  # the sections present, of the right type
-    for name, section in SECTIONS.items():
-        if name not in raw:
-            if section.required:
-                problems.append(((name,), f"missing required section ({section.meaning})"))
-            continue
-        if raw[name] is None and not section.required:
-            continue
-        message = section.check(raw[name])
-        if message:
-            problems.append(((name,), message))
-        else:
-            ok[name] = raw[name]
-
+    ok, problems = _sections(raw)
     for name in ("backbone", "train", "protocol", "executor", "slurm"):
         if name in ok:
             problems += check_mapping(SECTIONS[name].keys or {}, ok[name], (name,))
     if "protocol" in ok:
         problems += _protocol_problems(ok["protocol"])
-    if "train" in ok and "epochs" not in ok["train"] and "iters" not in ok["train"]:
-        problems.append((("train",), "missing required key 'epochs' (training epochs per trial; or iters, an "
-                                     "iteration budget)"))
-    iters = ok.get("train", {}).get("iters")
-    if isinstance(iters, int) and not isinstance(iters, bool) and iters < 1:
-        problems.append((("train", "iters"), f"expected an integer > 0 or a mapping task -> integer > 0, got {iters}"))
-    if isinstance(iters, dict):
-        problems += _task_key_problems(iters, ("train", "iters"))
-        problems += [(("train", "iters", str(t)), f"expected an integer > 0, got {v!r}") for t, v in iters.items()
-                     if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if "train" in ok:
+        problems += _budget_problems(ok["train"])
 
     problems += _names_problems(ok.get("tasks", []), TASKS.names(), "task", ("tasks",))
     for list_name, members in (ok.get("task_lists") or {}).items():
@@ -87,6 +61,45 @@ def suite_problems(raw: dict[str, Any]) -> list[SuiteProblem]:
         if section.from_methods and isinstance(ok.get(name), dict):
             problems += _method_section_problems(name, ok[name], candidates)
     problems += _flaky_problems(ok.get("flaky") or [])
+    return problems
+
+
+def _sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[SuiteProblem]]:
+    """(the sections present and of the right type, the problems of the others: unknown, missing or mistyped)."""
+    problems: list[SuiteProblem] = []
+    for name in raw:
+        if name not in SECTIONS:
+            problems.append(((str(name),), f"unknown key{did_you_mean(str(name), SECTIONS)} "
+                                           f"(known: {', '.join(SECTIONS)})"))
+    ok: dict[str, Any] = {}
+    for name, section in SECTIONS.items():
+        if name not in raw:
+            if section.required:
+                problems.append(((name,), f"missing required section ({section.meaning})"))
+            continue
+        if raw[name] is None and not section.required:
+            continue
+        message = section.check(raw[name])
+        if message:
+            problems.append(((name,), message))
+        else:
+            ok[name] = raw[name]
+    return ok, problems
+
+
+def _budget_problems(train: dict[str, Any]) -> list[SuiteProblem]:
+    """The training budget: ``epochs`` or ``iters`` (an integer > 0, or a mapping task -> integer > 0)."""
+    problems: list[SuiteProblem] = []
+    if "epochs" not in train and "iters" not in train:
+        problems.append((("train",), "missing required key 'epochs' (training epochs per trial; or iters, an "
+                                     "iteration budget)"))
+    iters = train.get("iters")
+    if isinstance(iters, int) and not isinstance(iters, bool) and iters < 1:
+        problems.append((("train", "iters"), f"expected an integer > 0 or a mapping task -> integer > 0, got {iters}"))
+    if isinstance(iters, dict):
+        problems += _task_key_problems(iters, ("train", "iters"))
+        problems += [(("train", "iters", str(t)), f"expected an integer > 0, got {v!r}") for t, v in iters.items()
+                     if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     return problems
 
 
