@@ -274,7 +274,7 @@ class SegmentationTask(Task):
     (``crop_size``); evaluation runs on whole images (resized to ``scale``), one at a time, either as one forward
     (``eval_mode: whole``) or as overlapping crop-size windows (``slide``).
 
-    Settings a suite can give under ``data:`` (all part of the trial spec):
+    Options a suite can give under ``data:`` (all part of the trial spec; resolved by :meth:`options`):
 
     * ``crop_size`` (int or [h, w]), ``scale`` ([long side, short side]), ``ratio_range`` ([low, high]);
     * ``eval_mode`` (``whole`` | ``slide``), ``slide_stride`` (int or [h, w]; default two thirds of the crop);
@@ -291,8 +291,9 @@ class SegmentationTask(Task):
     data_keys = ("crop_size", "scale", "ratio_range", "eval_mode", "slide_stride", "decoder_channels",
                  "aux_channels", "aux_weight", "deep_sample")
 
-    def settings(self, ctx: DataContext) -> dict[str, Any]:
-        """This task's segmentation settings with the suite's ``data:`` values over the task's defaults."""
+    def options(self, ctx: DataContext) -> dict[str, Any]:
+        """This task's segmentation options: the suite's ``data:`` values (``ctx.settings``) over the task's
+        defaults, checked and resolved (pairs, the slide stride)."""
         s = ctx.settings
 
         def pair(key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -316,7 +317,7 @@ class SegmentationTask(Task):
         return {"dynamic_img_size": True}  # timm resizes the position embedding to each input's grid (bicubic)
 
     def input_size(self, ctx: DataContext) -> tuple[int, int]:
-        return self.settings(ctx)["crop_size"]
+        return self.options(ctx)["crop_size"]
 
 
 METHODS: Registry[Method] = Registry("method", "methods:INDEX")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.api import DEFAULT_IMAGE_SIZE, METHODS, TASKS, Method, Task
+from harness.api import METHODS, TASKS, Method, Task
 from harness.errors import HarnessError
 from harness.sweep import Suite
 
@@ -80,10 +80,6 @@ class TrialSpec:
     @property
     def cell(self) -> Cell:
         return Cell(self.method, self.task)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.data.get("image_size", DEFAULT_IMAGE_SIZE))
 
     def label(self) -> str:
         return f"{self.method}/{self.task} {self.stage} {self.id} hparams={self.hparams} seed={self.seed}"

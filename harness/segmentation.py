@@ -166,9 +166,9 @@ def segmentation_model(model: nn.Module, backbone: nn.Module, task: "Segmentatio
     default block hooks (its blocks: ``indices``, default :func:`feature_blocks`)."""
     from harness.api import DataContext
 
-    settings = task.settings(ctx.data or DataContext(data_root=None, cache_dir=ctx.cache_dir))
+    options = task.options(ctx.data or DataContext(data_root=None, cache_dir=ctx.cache_dir))
     return SegmentationModel(model, backbone, task.num_classes, features=features, indices=indices,
-                             channels=settings["decoder_channels"], aux_channels=settings["aux_channels"])
+                             channels=options["decoder_channels"], aux_channels=options["aux_channels"])
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -192,7 +192,7 @@ def segmentation_objective(aux_weight: float = 0.4, ignore_index: int = 255):
 
 def objective_for(task: "SegmentationTask", train: dict[str, Any], ctx: "DataContext"):
     """The segmentation kind's loss for a task: :func:`segmentation_objective` with the task's ``aux_weight``."""
-    return segmentation_objective(task.settings(ctx)["aux_weight"], task.ignore_index)
+    return segmentation_objective(task.options(ctx)["aux_weight"], task.ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -225,7 +225,7 @@ def slide_logits(model: nn.Module, image: torch.Tensor, crop: tuple[int, int], s
 
 
 def evaluate_segmentation(model: nn.Module, loader, device: str, task: "SegmentationTask",
-                          settings: dict[str, Any], amp: bool = True) -> dict[str, Any]:
+                          options: dict[str, Any], amp: bool = True) -> dict[str, Any]:
     """mIoU over a split: each image's logits (whole image, or sliding windows) are resized to its label map
     (bilinear), arg-maxed, and counted into one confusion matrix for the split."""
     from harness.loop import autocast_for
@@ -238,8 +238,8 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
             for image, label in zip(images, labels):
                 x = image.unsqueeze(0).to(device, non_blocking=True)
                 with autocast_for(device, amp):
-                    if settings["eval_mode"] == "slide":
-                        logits = slide_logits(model, x, settings["crop_size"], settings["slide_stride"], C)
+                    if options["eval_mode"] == "slide":
+                        logits = slide_logits(model, x, options["crop_size"], options["slide_stride"], C)
                     else:
                         logits = model(x)
                 logits = F.interpolate(logits.float(), size=tuple(label.shape[-2:]), mode="bilinear",
@@ -254,5 +254,5 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
 
 def evaluate_for(task: "SegmentationTask", model: nn.Module, loader, device: str, ctx: "DataContext",
                  amp: bool = True) -> dict[str, Any]:
-    """The segmentation kind's evaluation of a task: :func:`evaluate_segmentation` with the task's settings."""
-    return evaluate_segmentation(model, loader, device, task, task.settings(ctx), amp)
+    """The segmentation kind's evaluation of a task: :func:`evaluate_segmentation` with the task's options."""
+    return evaluate_segmentation(model, loader, device, task, task.options(ctx), amp)
