@@ -101,6 +101,7 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     from harness.api import METHODS
     from harness.backbone import build_backbone
     from harness.cost import forward_flops, reference_image_size
+    from harness.features import method_refusal
     from harness.loop import autocast_for, pick_device, seed_everything
 
     config.check()
@@ -108,7 +109,7 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     device = config.device or pick_device()
     spec = backbone_spec(config)
     steps = config.warmup + config.repeats
-    cached = sum(1 for name in names if METHODS.get(name).frozen_features)
+    cached = sum(1 for name in names if method_refusal(METHODS.get(name)) is None)
     bar = progress_bar(config.progress, total=steps * (2 * len(names) + cached + 1))
     try:
         seed_everything(config.seed)
@@ -165,9 +166,10 @@ def bench_hparams(method: Any, extra: dict[str, Any]) -> dict[str, Any]:
 
 def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device: str, size: int, images, labels,
                   bar) -> dict[str, Any]:
-    from harness.cost import PeakMemory, forward_flops, parameter_counts
     import torch
 
+    from harness.cost import PeakMemory, forward_flops, parameter_counts
+    from harness.features import OnFrozen, as_tuple, method_refusal
     from harness.loop import autocast_for, cross_entropy, seed_everything, train_step
     from harness.store import default_cache_dir
     from harness.train import assemble_model, make_optimizer
@@ -195,9 +197,7 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
 
     method_forward_ms = _median_ms(infer, device, config, bar)
     cached_step_ms = None
-    if method.frozen_features:  # the step a trial takes on cached frozen outputs
-        from harness.features import OnFrozen, as_tuple
-
+    if method_refusal(method) is None:  # the step a trial takes on cached frozen outputs
         with torch.no_grad(), autocast_for(device, config.amp):  # no_grad, not inference mode: autograd uses them
             frozen = tuple(t.detach() for t in as_tuple(model.eval().frozen_forward(images)))
         on_frozen = OnFrozen(model).train()
