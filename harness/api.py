@@ -10,12 +10,18 @@ Engine services for plug-ins (imported lazily on first use, so ``import harness.
 ``fit`` and ``FitResult`` (the one training loop), ``warmup_cosine``, ``seed_everything``, ``pick_device``, ``build_backbone``,
 ``resolve_weights``, ``file_fingerprint``, ``file_lock``, ``atomic_write_json``, ``provenance``, ``cls_attention``,
 ``segmentation_model`` (the engine's ViT segmentation model, for a method that overrides
-:meth:`Method.build_segmentation`).
+:meth:`Method.build_segmentation`), ``data_identity`` (a data section without where the data lives: what an
+artifact's key may hold).
 
 Task kinds: a :class:`Task` is a classification task (items ``(image, int label)``, one logit vector per image). A
-:class:`SegmentationTask` (``kind = "segmentation"``) has items ``(image, label map)`` and the metric mIoU; it asks
-each method for its segmentation model through :meth:`Method.build_segmentation`, whose default (every method
-inherits it) wraps the method's own model, so the method's trainable set plugs in unchanged.
+:class:`SegmentationTask` (``kind = "segmentation"``) has items ``(image, label map)`` and the metric mIoU; a method
+gives its segmentation model through :meth:`Method.build_segmentation`, whose default (None) lets the engine wrap
+the method's own model, so the method's trainable set plugs in unchanged.
+
+This module declares; the engine acts. The hooks the engine asks while it trains a trial (``Task.build_model``,
+``objective``, ``evaluate``, ``collate``; ``Method.build_segmentation``) return None by default, meaning "the
+engine's behaviour for this task's ``kind``" (:mod:`harness.kinds`); a plug-in overrides one to replace it. So the
+interface imports nothing of the engine but :mod:`harness.registry` and :mod:`harness.errors`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.errors import HarnessError
 from harness.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +61,7 @@ _SERVICES = {
     "provenance": "harness.provenance:provenance",
     "cls_attention": "harness.attention:cls_attention",
     "segmentation_model": "harness.segmentation:segmentation_model",
+    "data_identity": "harness.inputs:data_identity",
 }
 
 
@@ -76,7 +84,7 @@ class BuildContext:
     suite: str
     cache_dir: Path
     device: str = "cpu"
-    #: the task the model is built for (per-task defaults; the segmentation kind later)
+    #: the task the model is built for (per-task defaults; its ``kind`` says what the model must output)
     task: "Task | None" = None
     #: True when the model is built only to be inspected (parameter counts, FLOPs): a method must then not
     #: resolve artifacts such as pre-tuned checkpoints, and builds with its random initialisation instead
@@ -161,16 +169,16 @@ class Method(abc.ABC):
     def build(self, backbone: "nn.Module", num_classes: int, ctx: BuildContext) -> "nn.Module":
         """Return the model to train: ``forward(images) -> logits``, with a ``head`` attribute (the task head)."""
 
-    def build_segmentation(self, backbone: "nn.Module", task: "SegmentationTask", ctx: BuildContext) -> "nn.Module":
-        """The model for a segmentation task: ``forward(images) -> B x C x H x W`` logits. Default: the engine's
-        segmentation model (:func:`harness.segmentation.segmentation_model`) around this method's own model from
-        :meth:`build`: features of evenly spaced blocks (2, 5, 8, 11 of 12) are read from the backbone's blocks
-        while the method's model runs, its classification head is dropped, and a UPerNet decode head and an
+    def build_segmentation(self, backbone: "nn.Module", task: "SegmentationTask",
+                           ctx: BuildContext) -> "nn.Module | None":
+        """The model for a segmentation task: ``forward(images) -> B x C x H x W`` logits. Default (None): the
+        engine's segmentation model (:func:`harness.segmentation.segmentation_model`) around this method's own
+        model from :meth:`build`: features of evenly spaced blocks (2, 5, 8, 11 of 12) are read from the backbone's
+        blocks while the method's model runs, its classification head is dropped, and a UPerNet decode head and an
         auxiliary FCN head (both always trained) turn them into logits. Whatever ``build`` left trainable trains.
-        Override to give the engine other features (TOAST: its second pass's)."""
-        from harness.segmentation import segmentation_model
-
-        return segmentation_model(self.build(backbone, task.num_classes, ctx), backbone, task, ctx)
+        Override to give the engine other features (TOAST: its second pass's, through the ``segmentation_model``
+        service)."""
+        return None
 
     def decays(self, param_name: str, param: "torch.nn.Parameter", optimizer: str | None = None) -> bool:
         """Whether weight decay applies to a trainable parameter under ``optimizer`` (default: the method's own).
@@ -202,8 +210,9 @@ class Task(abc.ABC):
     """A downstream task: its splits, classes, transforms, metric and suite group.
 
     The hooks below (``backbone_args``, ``build_model``, ``objective``, ``evaluate``, ``collate``, ``input_size``)
-    are what the engine asks a task while it trains one trial; their defaults are image classification.
-    :class:`SegmentationTask` overrides them.
+    are what the engine asks a task while it trains one trial. ``build_model``, ``objective``, ``evaluate`` and
+    ``collate`` return None by default: the engine then does what its ``kind`` does (:mod:`harness.kinds`);
+    override one to replace it for this task.
 
     ``version`` is part of every trial spec, as for :class:`Method`: bump it when a change alters what a trial on
     the task computes (its splits, transforms, labels or metric), so its earlier records become stale."""
@@ -245,25 +254,24 @@ class Task(abc.ABC):
         to the input)."""
         return {}
 
-    def build_model(self, method: Method, backbone: "nn.Module", ctx: BuildContext) -> "nn.Module":
-        """The method's model for this task: ``method.build`` (logits per image)."""
-        return method.build(backbone, self.num_classes, ctx)
+    def build_model(self, method: Method, backbone: "nn.Module", ctx: BuildContext) -> "nn.Module | None":
+        """The method's model for this task. None: the kind's (classification: ``method.build``, logits per image;
+        segmentation: ``method.build_segmentation`` or the engine's segmentation model)."""
+        return None
 
-    def objective(self, train: dict[str, Any], ctx: DataContext) -> Callable:
-        """The loss ``objective(model, images, targets) -> (loss, logs)`` for the suite's ``train`` settings."""
-        from harness.loop import cross_entropy
-
-        return cross_entropy(float(train.get("label_smoothing", 0.0)))
+    def objective(self, train: dict[str, Any], ctx: DataContext) -> Callable | None:
+        """The loss ``objective(model, images, targets) -> (loss, logs)`` for the suite's ``train`` section. None:
+        the kind's (classification: cross-entropy with ``train.label_smoothing``)."""
+        return None
 
     def evaluate(self, model: "nn.Module", loader: Any, device: str, ctx: DataContext,
-                 amp: bool = True) -> dict[str, Any]:
-        """The metric over a whole split: ``{"eval": value}`` plus any details worth keeping in the record."""
-        from harness.train import evaluate
-
-        return {"eval": evaluate(model, loader, device, self.metric, self.num_classes, amp)}
+                 amp: bool = True) -> dict[str, Any] | None:
+        """The metric over a whole split: ``{"eval": value}`` plus any details worth keeping in the record. None:
+        the kind's (classification: ``metric`` of the arg-max predictions)."""
+        return None
 
     def collate(self, train: bool) -> Callable | None:
-        """The data loader's ``collate_fn`` (None: torch's default stacking)."""
+        """The data loader's ``collate_fn``. None: the kind's (classification: torch's default stacking)."""
         return None
 
     def input_size(self, ctx: DataContext) -> tuple[int, int]:
@@ -284,7 +292,7 @@ class SegmentationTask(Task):
     (``crop_size``); evaluation runs on whole images (resized to ``scale``), one at a time, either as one forward
     (``eval_mode: whole``) or as overlapping crop-size windows (``slide``).
 
-    Settings a suite can give under ``data:`` (all part of the trial spec):
+    Options a suite can give under ``data:`` (all part of the trial spec; resolved by :meth:`options`):
 
     * ``crop_size`` (int or [h, w]), ``scale`` ([long side, short side]), ``ratio_range`` ([low, high]);
     * ``eval_mode`` (``whole`` | ``slide``), ``slide_stride`` (int or [h, w]; default two thirds of the crop);
@@ -301,10 +309,9 @@ class SegmentationTask(Task):
     data_keys = ("crop_size", "scale", "ratio_range", "eval_mode", "slide_stride", "decoder_channels",
                  "aux_channels", "aux_weight", "deep_sample")
 
-    def settings(self, ctx: DataContext) -> dict[str, Any]:
-        """This task's segmentation settings with the suite's ``data:`` values over the task's defaults."""
-        from harness.errors import HarnessError
-
+    def options(self, ctx: DataContext) -> dict[str, Any]:
+        """This task's segmentation options: the suite's ``data:`` values (``ctx.settings``) over the task's
+        defaults, checked and resolved (pairs, the slide stride)."""
         s = ctx.settings
 
         def pair(key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -327,30 +334,8 @@ class SegmentationTask(Task):
     def backbone_args(self, ctx: DataContext) -> dict[str, Any]:
         return {"dynamic_img_size": True}  # timm resizes the position embedding to each input's grid (bicubic)
 
-    def build_model(self, method: Method, backbone: "nn.Module", ctx: BuildContext) -> "nn.Module":
-        return method.build_segmentation(backbone, self, ctx)
-
-    def objective(self, train: dict[str, Any], ctx: DataContext) -> Callable:
-        from harness.segmentation import segmentation_objective
-
-        return segmentation_objective(self.settings(ctx)["aux_weight"], self.ignore_index)
-
-    def evaluate(self, model: "nn.Module", loader: Any, device: str, ctx: DataContext,
-                 amp: bool = True) -> dict[str, Any]:
-        from harness.segmentation import evaluate_segmentation
-
-        return evaluate_segmentation(model, loader, device, self, self.settings(ctx), amp)
-
-    def collate(self, train: bool) -> Callable | None:
-        """Training crops stack; evaluation images keep their own sizes (lists)."""
-        if train:
-            return None
-        from harness.segmentation import collate_lists
-
-        return collate_lists
-
     def input_size(self, ctx: DataContext) -> tuple[int, int]:
-        return self.settings(ctx)["crop_size"]
+        return self.options(ctx)["crop_size"]
 
 
 METHODS: Registry[Method] = Registry("method", "methods:INDEX")

@@ -22,8 +22,9 @@ parameters the method leaves trainable, with its own optimiser; bf16 autocast on
   a trial with the frozen-computation cache (:mod:`harness.features`) steps: the linear probe's head alone,
   TOAST's feedback path and second pass without its first pass.
 
-:func:`run_grid` (``harness bench --grid``) times a whole linear-probe search of one cell end to end, without and
-with the frozen-computation cache (:mod:`harness.features`), and the largest difference of their per-epoch metrics.
+Each run is also kept as a record beside its CSV (:func:`write_record`), which ``harness table --columns step``
+finds through :mod:`harness.bench_records`. ``harness bench --grid`` times a whole search instead
+(:mod:`harness.bench_grid`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     from harness.api import METHODS
     from harness.backbone import build_backbone
     from harness.cost import forward_flops, reference_image_size
+    from harness.features import method_refusal
     from harness.loop import autocast_for, pick_device, seed_everything
 
     config.check()
@@ -107,8 +109,8 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     device = config.device or pick_device()
     spec = backbone_spec(config)
     steps = config.warmup + config.repeats
-    cached = sum(1 for name in names if METHODS.get(name).frozen_features)
-    bar = _progress(config.progress, total=steps * (2 * len(names) + cached + 1))
+    cached = sum(1 for name in names if method_refusal(METHODS.get(name)) is None)
+    bar = progress_bar(config.progress, total=steps * (2 * len(names) + cached + 1))
     try:
         seed_everything(config.seed)
         try:
@@ -164,9 +166,10 @@ def bench_hparams(method: Any, extra: dict[str, Any]) -> dict[str, Any]:
 
 def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device: str, size: int, images, labels,
                   bar) -> dict[str, Any]:
-    from harness.cost import PeakMemory, forward_flops, parameter_counts
     import torch
 
+    from harness.cost import PeakMemory, forward_flops, parameter_counts
+    from harness.features import OnFrozen, as_tuple, method_refusal
     from harness.loop import autocast_for, cross_entropy, seed_everything, train_mode, train_step
     from harness.store import default_cache_dir
     from harness.train import assemble_model, make_optimizer
@@ -194,9 +197,7 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
 
     method_forward_ms = _median_ms(infer, device, config, bar)
     cached_step_ms = None
-    if method.frozen_features:  # the step a trial takes on cached frozen outputs
-        from harness.features import OnFrozen, as_tuple
-
+    if method_refusal(method) is None:  # the step a trial takes on cached frozen outputs
         with torch.no_grad(), autocast_for(device, config.amp):  # no_grad, not inference mode: autograd uses them
             frozen = tuple(t.detach() for t in as_tuple(model.eval().frozen_forward(images)))
         on_frozen = OnFrozen(model).train()
@@ -259,79 +260,10 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _progress(enabled: bool, total: int, unit: str = "step"):
+def progress_bar(enabled: bool, total: int, unit: str = "step"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
-
-
-# ------------------------------------------------------------------------------------------------- --grid
-#: the CSV's columns of ``--grid``
-GRID_COLUMNS = ("mode", "method", "task", "suite", "points", "epochs", "seconds", "seconds_per_point", "speedup",
-                "feature_cache", "max_eval_diff", "failed")
-
-
-def run_grid(suite_name: str = "demo", task: str | None = None, grid_points: int | None = None,
-             data_root: str | None = None, progress: bool = True, method: str = "linear",
-             full_grid: bool = False, epochs: int | None = None) -> list[dict[str, Any]]:
-    """Time one cell's whole linear-probe search end to end (every grid point of the suite's protocol, one after the
-    other: building, training, evaluating each trial), without and then with the frozen-computation cache; one row
-    each. The cached pass builds the features first where they are not cached yet. ``max_eval_diff``: the largest
-    difference between the two passes' per-epoch metrics. ``full_grid``: the method's own grid (the linear probe's
-    40 points) instead of the suite's; ``epochs`` overrides the suite's. Nothing is recorded in the results."""
-    from harness.plan import Cell, search_specs, select_tasks
-    from harness.store import default_cache_dir
-    from harness.sweep import load_suite
-    from harness.train import TrialEnv, run_trial
-
-    from harness.api import METHODS
-
-    sets = {f"grids.{method}": METHODS.get(method).grid} if full_grid else None
-    suite = load_suite(suite_name, grid_points=grid_points, data_root=data_root, sets=sets, epochs=epochs)
-    task = select_tasks(suite, task)[0]
-    specs = search_specs(suite, Cell(method, task))
-    if not specs:
-        raise HarnessError(f"suite {suite.name} has no search stage for {method}/{task} (protocol "
-                           f"{suite.protocol['kind']})")
-    bar = _progress(progress, total=2 * len(specs), unit="trial")
-    rows, curves = [], []
-    try:
-        for cache in (False, True):
-            bar.set_description(f"{method}/{task} {'cache' if cache else 'no cache'}")
-            env = TrialEnv(cache_dir=default_cache_dir(), data_root=suite.data_root,
-                           data_roots=dict(suite.data.get("roots") or {}), progress=False, feature_cache=cache)
-            t0 = time.perf_counter()
-            records = []
-            for spec in specs:
-                records.append(run_trial(spec, env))
-                bar.update(1)
-            seconds = time.perf_counter() - t0
-            rows.append({"mode": "cache" if cache else "no cache", "method": method, "task": task,
-                         "suite": suite.name, "points": len(specs), "epochs": specs[0].train.get("epochs"),
-                         "seconds": seconds,
-                         "seconds_per_point": seconds / len(specs), "feature_cache": records[0].get("feature_cache"),
-                         "failed": sum(r["status"] != "ok" for r in records)})
-            curves.append([[e.get("eval") for e in r.get("curve", [])] for r in records])
-    finally:
-        bar.close()
-    diffs = [abs(a - b) for ra, rb in zip(*curves) for a, b in zip(ra, rb) if a is not None and b is not None]
-    rows[1]["speedup"] = rows[0]["seconds"] / rows[1]["seconds"] if rows[1]["seconds"] else None
-    rows[1]["max_eval_diff"] = max(diffs) if diffs else None
-    return [{column: row.get(column) for column in GRID_COLUMNS} for row in rows]
-
-
-def grid_table(rows: list[dict[str, Any]]) -> str:
-    from tabulate import tabulate
-
-    lines = [{"mode": r["mode"], "points": r["points"], "seconds": f"{r['seconds']:.1f}",
-              "s/point": f"{r['seconds_per_point']:.2f}",
-              "speed-up": "–" if r["speedup"] is None else f"x{r['speedup']:.1f}",
-              "feature cache": r["feature_cache"], "max |Δ metric|": "–" if r["max_eval_diff"] is None
-              else f"{r['max_eval_diff']:.2g}", "failed": r["failed"]} for r in rows]
-    first = rows[0]
-    return (tabulate(lines, headers="keys", tablefmt="simple", disable_numparse=True)
-            + f"\n\n{first['method']} search on {first['task']} (suite {first['suite']}, {first['epochs']} epochs per "
-              "trial), end to end; the cached pass builds the features first where they are not cached yet.")
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -389,7 +321,7 @@ def _threads() -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, columns: Sequence[str] = COLUMNS) -> Path:
-    """One row per method (``columns``: :data:`COLUMNS`, or :data:`GRID_COLUMNS`); written to a temporary file and
+    """One row per method (``columns``: :data:`COLUMNS`, or :data:`harness.bench_grid.GRID_COLUMNS`); written to a temporary file and
     renamed (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -402,16 +334,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: Sequence[str] = C
     return path
 
 
-#: what marks a bench record (the JSON beside the CSV) among other files
-RECORD_KIND = "harness-bench"
-
-
 def write_record(rows: list[dict[str, Any]], csv_path: Path) -> Path:
     """The run as a record beside its CSV (``.json``): its rows, when and where. ``harness table --columns step``
     reads the newest record under ``<results>/bench/`` whose backbone has the suite's architecture."""
     import platform
     from datetime import datetime, timezone
 
+    from harness.bench_records import RECORD_KIND
     from harness.files import atomic_write_json
 
     path = csv_path.with_suffix(".json")
@@ -421,31 +350,6 @@ def write_record(rows: list[dict[str, Any]], csv_path: Path) -> Path:
                              "host": platform.node(), "created_at": datetime.now(timezone.utc).isoformat(),
                              "rows": rows})
     return path
-
-
-def architecture(backbone: str) -> str:
-    """A timm name without its pretrained tag: bench times random weights, so ``deit_base_patch16_224.fb_in1k``
-    and ``deit_base_patch16_224`` cost the same."""
-    return backbone.split(".", 1)[0]
-
-
-def latest_record(folder: Path, backbone: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest bench record in ``folder`` for ``backbone``'s architecture (None: there is none)."""
-    import json
-
-    newest: tuple[Path, dict[str, Any]] | None = None
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
-        if not isinstance(data, dict) or data.get("kind") != RECORD_KIND:
-            continue
-        if architecture(str(data.get("backbone") or "")) != architecture(backbone):
-            continue
-        if newest is None or str(data.get("created_at")) > str(newest[1].get("created_at")):
-            newest = (path, data)
-    return newest
 
 
 def default_csv_path(results: Path, config: BenchConfig, device: str) -> Path:

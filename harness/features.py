@@ -61,18 +61,37 @@ class CacheRefused(Exception):
     """The cache cannot serve this trial after all (its message is the reason recorded); the trial runs uncached."""
 
 
-def refusal(method: Any, task: Any, model: nn.Module, train: dict[str, Any], enabled: bool = True) -> str | None:
-    """Why the cache cannot serve this trial (None: it can)."""
+def setting_refusal(train: dict[str, Any], enabled: bool = True) -> str | None:
+    """Why the run's settings turn the cache off (``--no-cache``: ``enabled`` false; ``train.feature_cache``)."""
     if not enabled:
         return "--no-cache"
     if train.get("feature_cache", True) is False:
         return "train.feature_cache: false"
+    return None
+
+
+def method_refusal(method: Any) -> str | None:
+    """Why the cache cannot serve any trial of ``method`` (it declares no frozen part)."""
     if not getattr(method, "frozen_features", None):
         return f"method {method.name} declares no cacheable frozen part"
+    return None
+
+
+def task_refusal(task: Any) -> str | None:
+    """Why the cache cannot serve any trial on ``task`` (not classification, or random training transforms)."""
     if task.kind != "classification":
         return f"{task.kind} task"
     if not getattr(task, "deterministic_train", False):
         return f"task {task.name}'s training transforms are not deterministic"
+    return None
+
+
+def refusal(method: Any, task: Any, model: nn.Module, train: dict[str, Any], enabled: bool = True) -> str | None:
+    """Why the cache cannot serve this trial (None: it can): the run's settings, the method and the task (known
+    before any trial, as ``harness run``'s header says), then the built model (known only in the trial)."""
+    reason = setting_refusal(train, enabled) or method_refusal(method) or task_refusal(task)
+    if reason is not None:
+        return reason
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module) or not all(
             callable(getattr(model, hook, None)) for hook in ("frozen_forward", "from_frozen")):

@@ -22,6 +22,13 @@ if TYPE_CHECKING:  # pragma: no cover
 LOCATION_KEYS = ("root", "roots")
 
 
+def data_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``data:`` section (or a DataContext's ``settings``) without where the data lives (:data:`LOCATION_KEYS`):
+    the part that belongs to a trial's (or an artifact's) identity. The one home of that rule; plug-ins reach it
+    as ``harness.api.data_identity``."""
+    return {k: v for k, v in data.items() if k not in LOCATION_KEYS}
+
+
 def data_context(data: dict[str, Any], backbone: dict[str, Any], cache_dir: Path,
                  data_root: Path | None = None) -> DataContext:
     """The DataContext for a suite's ``data:`` settings (``roots`` may be among them) on ``backbone``."""

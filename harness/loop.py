@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.metrics import METRICS
+
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
 
 
@@ -81,7 +83,7 @@ def autocast_for(device: str, amp: bool = True):
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> Objective:
-    """The classification objective: cross-entropy of ``model(images)`` (and the batch accuracy as a log)."""
+    """The classification objective: cross-entropy of ``model(images)`` (it logs nothing besides the loss)."""
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
@@ -90,6 +92,7 @@ def cross_entropy(label_smoothing: float = 0.0) -> Objective:
         return loss, {}
 
     return objective
+
 
 
 @dataclass
@@ -136,6 +139,19 @@ def to_device(batch: Any, device: str) -> Any:
     return batch.to(device, non_blocking=True)
 
 
+def evaluate(model: nn.Module, loader: Any, device: str, metric: str, num_classes: int, amp: bool = True) -> float:
+    """A classification metric (:data:`harness.metrics.METRICS`) of the arg-max predictions over a whole split."""
+    model.eval()
+    preds, labels = [], []
+    with torch.inference_mode():
+        for images, targets in loader:
+            with autocast_for(device, amp):
+                logits = model(to_device(images, device))
+            preds.append(logits.float().argmax(dim=1).cpu())
+            labels.append(targets)
+    return METRICS[metric](torch.cat(preds), torch.cat(labels), num_classes)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, images: torch.Tensor,
                labels: torch.Tensor, device: str = "cpu", amp: bool = True
                ) -> tuple[torch.Tensor, dict[str, float], bool]:
@@ -150,6 +166,51 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Ob
     loss.backward()
     optimizer.step()
     return loss, logs, True
+
+
+@dataclass
+class EpochTotals:
+    """One pass over the training data: images seen, loss and objective logs summed per image, the optimiser
+    steps taken so far (all epochs), and whether a non-finite loss stopped it."""
+
+    steps: int
+    seen: int = 0
+    loss: float = 0.0
+    logs: dict[str, float] = field(default_factory=dict)
+    diverged: bool = False
+
+    def means(self) -> dict[str, float]:
+        """``train_loss`` and each log as per-image means (the epoch's entry in the history)."""
+        n = max(1, self.seen)
+        return {"train_loss": self.loss / n, **{k: v / n for k, v in self.logs.items()}}
+
+
+def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, objective: Objective, scheduler: Any,
+                memory: Any, *, device: str, amp: bool, per_step: bool, steps: int,
+                max_steps: int | None) -> EpochTotals:
+    """One epoch of :func:`fit`: a :func:`train_step` per batch (the schedule stepped per step when ``per_step``),
+    until the data ends, ``max_steps`` optimiser steps were taken in all, or the loss is not finite."""
+    train_mode(model)
+    totals = EpochTotals(steps=steps)
+    for images, labels in loader:
+        if max_steps is not None and totals.steps >= max_steps:
+            break
+        images = to_device(images, device)
+        labels = labels.to(device, non_blocking=True)
+        loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp)
+        if not finite:
+            totals.diverged = True
+            break
+        totals.steps += 1
+        if per_step:
+            scheduler.step()
+        n = labels.shape[0]
+        totals.loss += loss.item() * n
+        totals.seen += n
+        for key, value in logs.items():
+            totals.logs[key] = totals.logs.get(key, 0.0) + float(value) * n
+        memory.sample()
+    return totals
 
 
 def fit(
@@ -193,40 +254,23 @@ def fit(
     try:
         with PeakMemory(device) as memory:
             for epoch in epoch_iter:
-                train_mode(model)
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
-                total_loss, seen, sums = 0.0, 0, {}
-                for images, labels in loader:
-                    if max_steps is not None and steps >= max_steps:
-                        break
-                    images = to_device(images, device)
-                    labels = labels.to(device, non_blocking=True)
-                    loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp)
-                    if not finite:
-                        result.status = "diverged"
-                        break
-                    steps += 1
-                    if per_step:
-                        scheduler.step()
-                    n = labels.shape[0]
-                    total_loss += loss.item() * n
-                    seen += n
-                    for key, value in logs.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) * n
-                    memory.sample()
+                totals = train_epoch(model, loader, optimizer, objective, scheduler, memory, device=device, amp=amp,
+                                     per_step=per_step, steps=steps, max_steps=max_steps)
+                steps = totals.steps
                 result.train_seconds += time.perf_counter() - t0
-                result.train_images += seen
+                result.train_images += totals.seen
                 entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
                 if max_steps is not None:
                     entry["steps"] = steps
                 last = epoch + 1 == epochs or (max_steps is not None and steps >= max_steps)
-                if result.status == "diverged":
+                if totals.diverged:
+                    result.status = "diverged"
                     entry["train_loss"] = float("nan")
                     result.history.append(entry)
                     break
-                entry["train_loss"] = total_loss / max(1, seen)
-                entry.update({k: v / max(1, seen) for k, v in sums.items()})
+                entry.update(totals.means())
                 if evaluate is not None and (last or (epoch + 1) % max(1, evaluate_every) == 0):
                     entry.update(evaluate(model))
                 result.history.append(entry)

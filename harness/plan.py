@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.api import ARTIFACTS, DEFAULT_IMAGE_SIZE, METHODS, TASKS, Method, Task
+from harness.api import ARTIFACTS, METHODS, TASKS, Method, Task
 from harness.errors import HarnessError
 from harness.sweep import Suite
 
@@ -96,10 +96,6 @@ class TrialSpec:
     @property
     def cell(self) -> Cell:
         return Cell(self.method, self.task)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.data.get("image_size", DEFAULT_IMAGE_SIZE))
 
     def label(self) -> str:
         return f"{self.method}/{self.task} {self.stage} {self.id} hparams={self.hparams} seed={self.seed}"
@@ -220,6 +216,12 @@ def planned_trial_count(suite: Suite, cell: Cell) -> tuple[int, int]:
     return len(search_specs(suite, cell)), len(suite.seeds)
 
 
+def goodness(value: float, higher_is_better: bool = True) -> float:
+    """``value`` oriented so that larger is better (a lower-is-better metric's negated): the one rule for a metric's
+    direction, which picks a search winner, marks a table's best cell and tells a regression's drop from a gain."""
+    return value if higher_is_better else -value
+
+
 def select_best(records: list[dict[str, Any]], higher_is_better: bool = True) -> dict[str, Any] | None:
     """The winning search record: best last-epoch validation metric; ties go to the smaller learning rate.
 
@@ -236,16 +238,22 @@ def select_best(records: list[dict[str, Any]], higher_is_better: bool = True) ->
         value = record["metrics"]["eval"]
         if value is None or not math.isfinite(value):
             continue
-        score = -value if higher_is_better else value
-        candidates.append((score, float(spec["hparams"].get("lr", 0.0)), order, record))
+        candidates.append((-goodness(value, higher_is_better), float(spec["hparams"].get("lr", 0.0)), order, record))
     if not candidates:
         return None
     return min(candidates, key=lambda c: c[:3])[3]
 
 
 # ---------------------------------------------------------------------------------------------- protocol state
-#: record status -> the word status tables use
+#: record status (every status a record may have) -> the word status tables use
 STATE_OF_STATUS = {"ok": "done", "diverged": "diverged", "failed": "failed"}
+#: statuses that mean "this trial is done; do not run it again". A failed trial (an exception) is retried.
+FINISHED_STATUSES = ("ok", "diverged")
+
+
+def is_finished(record: dict[str, Any]) -> bool:
+    """Whether a (valid) record finishes its trial: the one rule for what is not run again."""
+    return record["status"] in FINISHED_STATUSES
 
 
 @dataclass
@@ -262,8 +270,8 @@ class Slot:
 
     @property
     def finished(self) -> bool:
-        """Done or diverged: not run again. A failed trial (an exception) is retried."""
-        return self.state in ("done", "diverged")
+        """Done or diverged: not run again (:func:`is_finished`)."""
+        return self.record is not None and is_finished(self.record)
 
 
 @dataclass(frozen=True)

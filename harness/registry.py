@@ -19,7 +19,7 @@ import fnmatch
 import functools
 import importlib
 import importlib.util
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from harness.errors import HarnessError, UnknownNameError, did_you_mean
@@ -112,15 +112,6 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator. On a class, registers an instance made with no arguments; on anything else, the object."""
-
-        def decorate(obj):
-            self.add(name, obj() if isinstance(obj, type) else obj)
-            return obj
-
-        return decorate
-
     def static(self, name: str) -> dict[str, object]:
         """The literal class attributes of a ``"module:Class"`` entry (e.g. a method's family, optimizer and
         description), read from its source without importing it, so listing stays free of torch. Attributes
@@ -135,10 +126,6 @@ class Registry(Generic[T]):
         module, _, attr = target.partition(":")
         return dict(_class_literals(module, attr)) if attr else {}
 
-    def load_all(self) -> dict[str, T]:
-        for name in self.names():
-            self.get(name)
-        return dict(sorted(self._entries.items()))
 
 
 @functools.lru_cache(maxsize=None)

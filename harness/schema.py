@@ -3,7 +3,7 @@
 :data:`SECTIONS` describes a suite file (``sweeps/<suite>.yaml``) section by section. Sections with fixed keys
 (backbone, data, train, protocol, executor, slurm) list them here with their types and bounds; sections keyed by
 names (grids, settings, fixed) or whose keys come from plug-ins (``pretune``: the methods that read it) say their
-layout here, and :func:`harness.sweep.validate` checks those names against the registries. ``harness ls suites
+layout here, and :mod:`harness.validation` checks those names against the registries. ``harness ls suites
 --schema`` prints this module's description (:func:`describe`). Nothing here imports torch.
 """
 
@@ -17,7 +17,7 @@ from harness.errors import did_you_mean
 
 Kind = type | tuple[type, ...]
 #: a problem found in a suite: the dotted key it is about (as a tuple) and what is wrong
-Problem = tuple[tuple[str, ...], str]
+SuiteProblem = tuple[tuple[str, ...], str]
 
 NUMBER: tuple[type, ...] = (int, float)
 PROTOCOL_KINDS = ("search-then-final", "fixed")
@@ -157,10 +157,10 @@ def key_for(name: str, example: Any = NO_DEFAULT) -> Key | None:
 
 
 def check_mapping(keys: dict[str, Key], value: dict[str, Any], path: tuple[str, ...],
-                  extra: Collection[str] = (), extra_note: str = "") -> list[Problem]:
+                  extra: Collection[str] = (), extra_note: str = "") -> list[SuiteProblem]:
     """Problems of a mapping with fixed ``keys`` (recursively): unknown keys with a did-you-mean, missing required
     keys, wrong types and bounds. Keys in ``extra`` are accepted without a check (e.g. the tasks' data keys)."""
-    problems: list[Problem] = []
+    problems: list[SuiteProblem] = []
     for name, item in value.items():
         where = (*path, str(name))
         if name not in keys:
@@ -176,7 +176,7 @@ def check_mapping(keys: dict[str, Key], value: dict[str, Any], path: tuple[str, 
     return problems
 
 
-def check_key(key: Key, value: Any, path: tuple[str, ...]) -> list[Problem]:
+def check_key(key: Key, value: Any, path: tuple[str, ...]) -> list[SuiteProblem]:
     message = key.check(value)
     if message:
         return [(path, message)]
@@ -305,7 +305,6 @@ SECTIONS: dict[str, Key] = {
                        ("<key>", "per method", "the keys the methods that read this section declare "
                                                "(Method.suite_sections, Method.section_keys)"),)),
 }
-REQUIRED = tuple(name for name, key in SECTIONS.items() if key.required)
 
 
 def flaky_pair(entry: Any) -> tuple[str, str] | None:

@@ -8,9 +8,14 @@ them to ``B x C x H/16 x W/16`` maps, and decodes them with transformers' UPerNe
 an FPN over the four levels) plus an auxiliary FCN head on the last level (loss weight 0.4, training only). Both
 heads always train; the backbone side trains exactly as the method left it.
 
-Where the features come from is the method's business (:meth:`harness.api.Method.build_segmentation`): by default
-:class:`BlockTaps` hooks the backbone's blocks while the method's own model runs (full fine-tuning, linear, LoRA,
-VPT: its prompts sit between the CLS token and the patches); TOAST hands over its second pass's block outputs.
+Where the features come from is the method's business (:meth:`harness.api.Method.build_segmentation`, asked by
+:func:`build_segmentation`): by default :class:`BlockTaps` hooks the backbone's blocks while the method's own model
+runs (full fine-tuning, linear, LoRA, VPT: its prompts sit between the CLS token and the patches); TOAST hands over
+its second pass's block outputs.
+
+This module is the engine's behaviour for the segmentation kind of task (:data:`harness.kinds.KINDS`): the model
+(:func:`build_segmentation`), the loss (:func:`objective_for`), the loader's collate (:func:`collate_for`) and the
+evaluation (:func:`evaluate_for`).
 
 Nothing here names a method or a task.
 """
@@ -28,7 +33,7 @@ from torch import nn
 from harness.metrics import confusion_matrix, iou_per_class, mean_iou
 
 if TYPE_CHECKING:  # pragma: no cover
-    from harness.api import BuildContext, SegmentationTask
+    from harness.api import BuildContext, DataContext, Method, SegmentationTask
 
 #: a features function: (images, block indices) -> those blocks' token sequences (B x N x C, prefix tokens included)
 Features = Callable[[torch.Tensor, "list[int]"], "list[torch.Tensor]"]
@@ -154,15 +159,25 @@ class SegmentationModel(nn.Module):
         return decode, auxiliary
 
 
+def build_segmentation(method: "Method", task: "SegmentationTask", backbone: nn.Module,
+                       ctx: "BuildContext") -> nn.Module:
+    """A method's model for a segmentation task: its own :meth:`~harness.api.Method.build_segmentation` where it
+    gives one, else :func:`segmentation_model` around its classification model (the default every method gets)."""
+    own = method.build_segmentation(backbone, task, ctx)
+    if own is not None:
+        return own
+    return segmentation_model(method.build(backbone, task.num_classes, ctx), backbone, task, ctx)
+
+
 def segmentation_model(model: nn.Module, backbone: nn.Module, task: "SegmentationTask", ctx: "BuildContext", *,
                        features: Features | None = None, indices: list[int] | None = None) -> SegmentationModel:
     """The segmentation model around a method's ``model`` (see the module docstring); ``features`` replaces the
     default block hooks (its blocks: ``indices``, default :func:`feature_blocks`)."""
     from harness.api import DataContext
 
-    settings = task.settings(ctx.data or DataContext(data_root=None, cache_dir=ctx.cache_dir))
+    options = task.options(ctx.data or DataContext(data_root=None, cache_dir=ctx.cache_dir))
     return SegmentationModel(model, backbone, task.num_classes, features=features, indices=indices,
-                             channels=settings["decoder_channels"], aux_channels=settings["aux_channels"])
+                             channels=options["decoder_channels"], aux_channels=options["aux_channels"])
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -184,7 +199,17 @@ def segmentation_objective(aux_weight: float = 0.4, ignore_index: int = 255):
     return objective
 
 
+def objective_for(task: "SegmentationTask", train: dict[str, Any], ctx: "DataContext"):
+    """The segmentation kind's loss for a task: :func:`segmentation_objective` with the task's ``aux_weight``."""
+    return segmentation_objective(task.options(ctx)["aux_weight"], task.ignore_index)
+
+
 # ---------------------------------------------------------------------------------------------------- evaluation
+def collate_for(task: "SegmentationTask", train: bool) -> Callable | None:
+    """Training crops stack (torch's default); evaluation images keep their own sizes (:func:`collate_lists`)."""
+    return None if train else collate_lists
+
+
 def collate_lists(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     """Evaluation images keep their own sizes: a batch is (list of images, list of label maps)."""
     return [item[0] for item in batch], [item[1] for item in batch]
@@ -209,7 +234,7 @@ def slide_logits(model: nn.Module, image: torch.Tensor, crop: tuple[int, int], s
 
 
 def evaluate_segmentation(model: nn.Module, loader, device: str, task: "SegmentationTask",
-                          settings: dict[str, Any], amp: bool = True) -> dict[str, Any]:
+                          options: dict[str, Any], amp: bool = True) -> dict[str, Any]:
     """mIoU over a split: each image's logits (whole image, or sliding windows) are resized to its label map
     (bilinear), arg-maxed, and counted into one confusion matrix for the split."""
     from harness.loop import autocast_for
@@ -222,8 +247,8 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
             for image, label in zip(images, labels):
                 x = image.unsqueeze(0).to(device, non_blocking=True)
                 with autocast_for(device, amp):
-                    if settings["eval_mode"] == "slide":
-                        logits = slide_logits(model, x, settings["crop_size"], settings["slide_stride"], C)
+                    if options["eval_mode"] == "slide":
+                        logits = slide_logits(model, x, options["crop_size"], options["slide_stride"], C)
                     else:
                         logits = model(x)
                 logits = F.interpolate(logits.float(), size=tuple(label.shape[-2:]), mode="bilinear",
@@ -234,3 +259,9 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
     value = mean_iou(confusion)
     return {"eval": value,
             "per_class_iou": {name: (None if v is None else round(v, 4)) for name, v in zip(names, per_class)}}
+
+
+def evaluate_for(task: "SegmentationTask", model: nn.Module, loader, device: str, ctx: "DataContext",
+                 amp: bool = True) -> dict[str, Any]:
+    """The segmentation kind's evaluation of a task: :func:`evaluate_segmentation` with the task's options."""
+    return evaluate_segmentation(model, loader, device, task, task.options(ctx), amp)

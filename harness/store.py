@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.files import atomic_write_json
-from harness.plan import Cell, TrialSpec, trial_id
+from harness.plan import STATE_OF_STATUS, Cell, TrialSpec, trial_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.sweep import Suite
 
 RECORD_SCHEMA = 1
-STATUSES = ("ok", "diverged", "failed")
-#: statuses that mean "this trial is done; do not run it again". A failed trial (an exception) is retried.
-FINISHED = ("ok", "diverged")
+STATUSES = tuple(STATE_OF_STATUS)
 REQUIRED_FIELDS = ("schema", "id", "spec", "status", "metrics", "curve", "params", "provenance")
 
 
@@ -89,10 +87,6 @@ class Store:
         """The valid record for a spec, or None (missing, or reported as a problem)."""
         path = self.path_for(spec)
         return self._check(path) if path.exists() else None
-
-    def finished(self, spec: TrialSpec) -> dict[str, Any] | None:
-        record = self.read(spec)
-        return record if record is not None and record["status"] in FINISHED else None
 
     def write(self, record: dict[str, Any]) -> Path:
         spec = record["spec"] if isinstance(record["spec"], TrialSpec) else TrialSpec.from_dict(record["spec"])

@@ -16,7 +16,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from harness.api import TASKS
-from harness.plan import Cell, cell_state
+from harness.plan import Cell, cell_state, goodness
 from harness.reference import Comparison, reference_csv, reference_rows
 from harness.store import Store
 from harness.sweep import Suite
@@ -147,6 +147,77 @@ def compare_footnote(reference: str, alpha: float) -> str:
             f"p < {alpha:g}; cells with fewer than 2 seeds on either side are not tested")
 
 
+def higher_is_better(tasks: list[str]) -> bool | None:
+    """The direction of a column over ``tasks`` (its task, or the tasks a mean averages): the tasks' shared
+    ``higher_is_better``; None when they disagree (such a mean has no better side)."""
+    directions = {TASKS.get(t).higher_is_better if t in TASKS else True for t in tasks}
+    return directions.pop() if len(directions) == 1 else None
+
+
+def best_values(numeric: dict[str, dict[str, float]], members: dict[str, list[str]]) -> dict[str, float]:
+    """Per column with more than one value: the best value in its metric's direction (:func:`harness.plan.goodness`
+    over the tasks in ``members[column]``); a column of mixed directions has none."""
+    best = {}
+    for col, values in numeric.items():
+        direction = higher_is_better(members[col])
+        if len(values) > 1 and direction is not None:
+            best[col] = max(values.values(), key=lambda v: goodness(v, direction))
+    return best
+
+
+def csv_row(method: str, s: dict[str, Any], tasks: list[str], group_cols: list[str], extra: tuple[str, ...],
+            pvalues: dict[tuple[str, str], float] | None, differs: set[tuple[str, str]],
+            reference: Comparison | None, paper: dict) -> dict[str, Any]:
+    """One method's CSV row: per task its mean, std, n and marks (``pvalues``: the ``--compare`` test's, when
+    given), the group and overall means, the paper's numbers (``reference``) and the cost columns."""
+    row: dict[str, Any] = {"method": method}
+    for task in tasks:
+        cell = s["cells"].get((method, task))
+        row[task] = cell["mean"] if cell else None
+        row[f"{task}_std"] = cell["std"] if cell else None
+        row[f"{task}_n"] = cell["n"] if cell else 0
+        row[f"{task}_disagree"] = bool(cell and cell["disagree"])
+        if pvalues is not None:
+            row[f"{task}_welch_p"] = pvalues.get((method, task))
+            row[f"{task}_differs"] = (method, task) in differs
+    for group in group_cols + ["mean"]:
+        row[group] = s["means"].get((method, group))
+    if reference is not None:
+        row.update(reference_csv(method, s, tasks, group_cols, paper))
+    row.update(_cost_columns(s["cost"].get(method), extra, numeric=True))
+    return row
+
+
+def column_values(s: dict[str, Any], methods: list[str], tasks: list[str],
+                  group_cols: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+    """The printed table's value columns in order (tasks, group means, the overall mean), each method -> value,
+    and the tasks each column's value comes from (for its metric's direction)."""
+    numeric: dict[str, dict[str, float]] = {}
+    members: dict[str, list[str]] = {}
+    for task in tasks:
+        numeric[task] = {m: s["cells"][(m, task)]["mean"] for m in methods if (m, task) in s["cells"]}
+        members[task] = [task]
+    for group, col in [(g, f"{g} (mean)") for g in group_cols] + [("mean", "mean")]:
+        numeric[col] = {m: s["means"][(m, group)] for m in methods if (m, group) in s["means"]}
+        members[col] = s["groups"][group] if group != "mean" else tasks
+    return numeric, members
+
+
+def cell_text(value: float, cell: dict[str, Any] | None, n_seeds: int, differs: bool, best: bool) -> str:
+    """A printed value: ``mean ± std``, ``(n/N)`` when seeds are missing, † when they disagree, ‡ when it differs
+    from ``--compare``'s method, bold (``**``, LaTeX's renderer makes it \\textbf) when the column's best."""
+    text = f"{value:.1f}"
+    if cell is not None and cell["n"] > 1:
+        text += f" ± {cell['std']:.1f}"
+    if cell is not None and cell["n"] < n_seeds:
+        text += f" ({cell['n']}/{n_seeds})"
+    if cell is not None and cell["disagree"]:
+        text += "†"
+    if differs:
+        text += DIFFERS
+    return f"**{text}**" if best else text
+
+
 def build_table(suite: Suite, store: Store, methods: list[str] | None = None, tasks: list[str] | None = None,
                 fmt: str = "markdown", extra: tuple[str, ...] = ("params",), missing: list[str] | None = None,
                 compare: str | None = None, alpha: float = 0.05, reference: Comparison | None = None) -> str:
@@ -181,66 +252,23 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
         footnotes.append(attach_bench(s, store.root / "bench", str(suite.backbone["name"]), methods))
 
     if fmt == "csv":
-        rows = []
-        for method in methods:
-            row: dict[str, Any] = {"method": method}
-            for task in ordered_tasks:
-                cell = s["cells"].get((method, task))
-                row[task] = cell["mean"] if cell else None
-                row[f"{task}_std"] = cell["std"] if cell else None
-                row[f"{task}_n"] = cell["n"] if cell else 0
-                row[f"{task}_disagree"] = bool(cell and cell["disagree"])
-                if compare is not None:
-                    row[f"{task}_welch_p"] = pvalues.get((method, task))
-                    row[f"{task}_differs"] = (method, task) in differs
-            for group in group_cols + ["mean"]:
-                row[group] = s["means"].get((method, group))
-            if reference is not None:
-                row.update(reference_csv(method, s, ordered_tasks, group_cols, paper))
-            row.update(_cost_columns(s["cost"].get(method), extra, numeric=True))
-            rows.append(row)
+        rows = [csv_row(method, s, ordered_tasks, group_cols, extra, pvalues if compare is not None else None,
+                        differs, reference, paper) for method in methods]
         if compare is not None:  # the footnote's content as columns: the CSV stays one table (the CLI prints it)
             for row in rows:
                 row.update({"compare": compare, "alpha": alpha})
         return pd.DataFrame(rows).to_csv(index=False, float_format="%.4f")
 
-    value_cols = ordered_tasks + [f"{g} (mean)" for g in group_cols] + ["mean"]
-    numeric = {col: {} for col in value_cols}
-    for method in methods:
-        for task in ordered_tasks:
-            if (method, task) in s["cells"]:
-                numeric[task][method] = s["cells"][(method, task)]["mean"]
-        for group in group_cols:
-            if (method, group) in s["means"]:
-                numeric[f"{group} (mean)"][method] = s["means"][(method, group)]
-        if (method, "mean") in s["means"]:
-            numeric["mean"][method] = s["means"][(method, "mean")]
-    best = {col: max(vals.values()) for col, vals in numeric.items() if len(vals) > 1}
-
-    def mark(text: str) -> str:
-        return f"**{text}**"  # LaTeX's renderer turns it into \\textbf
-
+    numeric, members = column_values(s, methods, ordered_tasks, group_cols)
+    best = best_values(numeric, members)
     rows = []
     for method in methods:
         row: dict[str, Any] = {"method": method}
-        for col in value_cols:
-            value = numeric[col].get(method)
-            if value is None:
-                row[col] = MISSING
-                continue
-            text = f"{value:.1f}"
-            cell = s["cells"].get((method, col))
-            if cell is not None and cell["n"] > 1:
-                text += f" ± {cell['std']:.1f}"
-            if cell is not None and cell["n"] < s["n_seeds"]:
-                text += f" ({cell['n']}/{s['n_seeds']})"
-            if cell is not None and cell["disagree"]:
-                text += "†"
-            if (method, col) in differs:
-                text += DIFFERS
-            if col in best and math.isclose(value, best[col], abs_tol=1e-9):
-                text = mark(text)
-            row[col] = text
+        for col, values in numeric.items():
+            value = values.get(method)
+            bold = col in best and value is not None and math.isclose(value, best[col], abs_tol=1e-9)
+            row[col] = MISSING if value is None else cell_text(value, s["cells"].get((method, col)), s["n_seeds"],
+                                                               (method, col) in differs, bold)
         row.update(_cost_columns(s["cost"].get(method), extra, numeric=False))
         rows.append(row)
         if reference is not None:
@@ -315,7 +343,7 @@ def override_flags(overrides: dict[str, Any]) -> str:
 def attach_bench(summary: dict[str, Any], folder, backbone: str, methods: list[str]) -> str:
     """Put the newest ``harness bench`` record's step times for ``backbone``'s architecture into the summary's cost
     (``step_ms``, ``step_vs_finetune``, ``cached_step_ms``); the footnote says which run they come from."""
-    from harness.bench import architecture, latest_record
+    from harness.bench_records import architecture, latest_record
 
     found = latest_record(folder, backbone)
     if found is None:

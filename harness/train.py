@@ -10,8 +10,8 @@ An iteration budget (``train.iters``, segmentation's protocol) trains that many 
 ``epochs``, stepping the schedule per step (``train.schedule``: ``cosine`` or mmseg's ``poly``, with
 ``warmup_iters``), drawing full batches, and evaluating once at the end. ``train.optimizer`` may replace the method's
 optimiser kind for a whole suite, and ``train.no_decay`` its weight-decay rule (no decay on parameters whose name
-contains any of the listed strings). What the model is, its loss and its metric come from the task
-(:class:`harness.api.Task`'s hooks: classification by default, segmentation for a ``SegmentationTask``).
+contains any of the listed strings). What the model is, its loss and its metric come from the task's kind
+(:mod:`harness.kinds`: classification, or segmentation for a ``SegmentationTask``) unless the task overrides them.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from harness import kinds
 from harness.api import METHODS, TASKS, BuildContext, DataContext, Method, Task
 from harness.backbone import build_backbone, file_fingerprint, resolve_weights
 from harness.cost import forward_flops, parameter_counts
 from harness.errors import HarnessError
 from harness.features import CacheRefused, frozen_loaders, module_fingerprint, refusal, storage_dtype
 from harness.inputs import artifact_resolver, data_context
-from harness.loop import (autocast_for, fit, pick_device, seed_everything, to_device, trainable_state,
-                          warmup_cosine, warmup_poly)
-from harness.metrics import METRICS
+from harness.loop import fit, pick_device, seed_everything, trainable_state, warmup_cosine, warmup_poly
 from harness.plan import TrialSpec, without_unversioned
 from harness.provenance import provenance
+from harness.sweep import Suite
 
 
 @dataclass
@@ -64,6 +64,13 @@ class TrialEnv:
     results_root: Path | None = None
     #: the frozen-computation cache (:mod:`harness.features`) where a method and task allow it (``--no-cache``)
     feature_cache: bool = True
+
+    @classmethod
+    def for_suite(cls, suite: Suite, cache_dir: Path, **options: Any) -> "TrialEnv":
+        """The environment of a suite's trials: where its data lives (``data.root``, the per-task ``data.roots``)
+        plus ``options`` (device, progress, feature_cache, ...)."""
+        return cls(cache_dir=Path(cache_dir), data_root=suite.data_root,
+                   data_roots=dict(suite.data.get("roots") or {}), **options)
 
     def data_context(self, spec: TrialSpec) -> DataContext:
         data = dict(spec.data)
@@ -93,7 +100,7 @@ def assemble_model(method: Method, backbone: dict[str, Any], hparams: dict[str, 
                    data: DataContext | None = None, resolve: Callable[[str], Path] | None = None,
                    random_init: bool = False) -> nn.Module:
     """Backbone + method, the way every trial builds them (no data is read): the timm backbone of ``backbone``
-    with the method's and the task's model arguments, then the task's model of the method (``task.build_model``),
+    with the method's and the task's model arguments, then the task's model of the method (:mod:`harness.kinds`),
     or without a task ``method.build`` with a ``num_classes`` head. ``random_init``: built to be measured only
     (``harness bench``), so the method resolves no artifact (TOAST's pre-tuned module) and starts from its random
     initialisation. The caller seeds."""
@@ -103,7 +110,7 @@ def assemble_model(method: Method, backbone: dict[str, Any], hparams: dict[str, 
     ctx = BuildContext(hparams=hparams, suite=suite, cache_dir=cache_dir, device=device, task=task, data=data,
                        random_init=random_init, **extra)
     if task is not None:
-        return task.build_model(method, model_backbone, ctx)
+        return kinds.build_model(method, task, model_backbone, ctx)
     if num_classes is None:
         raise ValueError("assemble_model: num_classes is needed when no task is given")
     return method.build(model_backbone, num_classes, ctx)
@@ -143,19 +150,6 @@ def make_optimizer(method: Method, model: nn.Module, lr: float, hparams: dict[st
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     raise ValueError(f"method {method.name}: unknown optimizer {kind!r}")
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device: str, metric: str, num_classes: int,
-             amp: bool = True) -> float:
-    model.eval()
-    preds, labels = [], []
-    with torch.inference_mode():
-        for images, targets in loader:
-            with autocast_for(device, amp):
-                logits = model(to_device(images, device))
-            preds.append(logits.float().argmax(dim=1).cpu())
-            labels.append(targets)
-    return METRICS[metric](torch.cat(preds), torch.cat(labels), num_classes)
 
 
 def usable_cpus() -> int:
@@ -212,58 +206,28 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     amp = bool(train_cfg.get("amp", True))
 
     dctx = env.data_context(spec)
-    train_set = task.dataset(spec.train_split, dctx, train=True)
-    eval_set = task.dataset(spec.eval_split, dctx, train=False)
-    data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
-    loading = loader_options(int(train_cfg.get("num_workers", 0)), device)
     generator = torch.Generator().manual_seed(spec.seed)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                              drop_last=iters is not None and len(train_set) >= batch_size,  # full batches
-                              collate_fn=task.collate(True),
-                              worker_init_fn=_seed_worker if loading["num_workers"] else None, **loading)
-    eval_loader = DataLoader(eval_set, batch_size=int(train_cfg.get("eval_batch_size", 2 * batch_size)),
-                             shuffle=False, collate_fn=task.collate(False), **loading)
-    schedule = str(train_cfg.get("schedule", "cosine"))
-    if iters is not None:  # an iteration budget: per-step schedule, as many passes as it takes, one evaluation
-        epochs = math.ceil(iters / max(1, len(train_loader)))
-        warmup, total, per_step = int(train_cfg.get("warmup_iters", 0)), iters, True
-    else:
-        epochs = int(train_cfg["epochs"])
-        warmup, total, per_step = int(train_cfg.get("warmup_epochs", method.warmup_epochs)), epochs, False
-    if schedule == "poly":
-        power, ratio = float(train_cfg.get("poly_power", 1.0)), float(train_cfg.get("warmup_ratio", 1e-6))
-        lr_factor = lambda i: warmup_poly(i, warmup, total, power, ratio)  # noqa: E731
-    else:
-        lr_factor = lambda i: warmup_cosine(i, warmup, total)  # noqa: E731
+    train_loader, eval_loader = _loaders(spec, task, dctx, device, generator, full_batches=iters is not None)
+    data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
+    epochs, lr_factor, per_step = _schedule(train_cfg, method, iters, len(train_loader))
 
     model = build_model(spec, env).to(device)
     params = parameter_counts(model)
     flops = forward_flops(model, task.input_size(dctx), device)
     optimizer = make_optimizer(method, model, lr, hp, train_cfg)
-    fit_model, feature_cache = model, "off"
-    reason = refusal(method, task, model, train_cfg, env.feature_cache)
-    if reason is None and not all(data_fingerprint.values()):
-        reason = f"task {task.name} gives no data fingerprint"
-    if reason is None:  # train and evaluate the model's trainable rest on its frozen part's cached outputs
-        try:
-            fit_model, loaders = frozen_loaders(
-                model, {"train": train_loader, "eval": eval_loader},
-                _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
-                env.cache_dir, device, amp, storage_dtype(train_cfg), env.progress)
-            train_loader, eval_loader = loaders["train"], loaders["eval"]
-        except CacheRefused as refused:
-            reason = str(refused)
-    feature_cache = "used" if reason is None else f"off: {reason}"
+    fit_model, loaders, feature_cache = _on_frozen(spec, env, method, task, model, dctx, data_fingerprint,
+                                                   {"train": train_loader, "eval": eval_loader}, amp)
+    train_loader, eval_loader = loaders["train"], loaders["eval"]
     checkpoint = env.checkpoint_dir / f"{spec.id}.ckpt.pt" if env.checkpoint_dir else None
     details: dict[str, Any] = {}  # what the last evaluation kept besides the number (per-class IoU)
 
     def eval_metric(trained: nn.Module) -> dict[str, float]:
-        found = task.evaluate(trained, eval_loader, device, dctx, amp)
+        found = kinds.evaluate(task, trained, eval_loader, device, dctx, amp)
         details.clear()
         details.update({k: v for k, v in found.items() if k != "eval"})
         return {"eval": found["eval"]}
 
-    result = fit(fit_model, train_loader, optimizer, epochs=epochs, objective=task.objective(train_cfg, dctx),
+    result = fit(fit_model, train_loader, optimizer, epochs=epochs, objective=kinds.objective(task, train_cfg, dctx),
                  lr_factor=lr_factor, per_step=per_step, evaluate=eval_metric, device=device,
                  amp=amp, generator=generator, checkpoint=checkpoint, checkpoint_every=env.checkpoint_every,
                  progress=f"{spec.method}/{spec.task} {spec.stage}" if env.progress else None,
@@ -293,6 +257,60 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     if env.keep_weights and status == "ok":
         out["weights_file"] = str(_save_trained_weights(spec, env, model))
     return out
+
+
+def _loaders(spec: TrialSpec, task: Task, dctx: DataContext, device: str, generator: torch.Generator,
+             full_batches: bool) -> tuple[DataLoader, DataLoader]:
+    """The trial's training loader (shuffled by ``generator``; only full batches under an iteration budget,
+    ``full_batches``) and its evaluation loader, with the task kind's collate."""
+    train_cfg = spec.train
+    batch_size = int(train_cfg["batch_size"])
+    train_set = task.dataset(spec.train_split, dctx, train=True)
+    eval_set = task.dataset(spec.eval_split, dctx, train=False)
+    loading = loader_options(int(train_cfg.get("num_workers", 0)), device)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                              drop_last=full_batches and len(train_set) >= batch_size,
+                              collate_fn=kinds.collate(task, True),
+                              worker_init_fn=_seed_worker if loading["num_workers"] else None, **loading)
+    eval_loader = DataLoader(eval_set, batch_size=int(train_cfg.get("eval_batch_size", 2 * batch_size)),
+                             shuffle=False, collate_fn=kinds.collate(task, False), **loading)
+    return train_loader, eval_loader
+
+
+def _schedule(train_cfg: dict[str, Any], method: Method, iters: int | None,
+              batches: int) -> tuple[int, Callable[[int], float], bool]:
+    """(epochs, lr_factor, per_step): per-epoch warmup + cosine (or ``poly``) over ``epochs``; under an iteration
+    budget (``iters``) stepped per optimiser step over as many passes of ``batches`` as it takes."""
+    if iters is not None:  # an iteration budget: per-step schedule, as many passes as it takes, one evaluation
+        epochs = math.ceil(iters / max(1, batches))
+        warmup, total, per_step = int(train_cfg.get("warmup_iters", 0)), iters, True
+    else:
+        epochs = int(train_cfg["epochs"])
+        warmup, total, per_step = int(train_cfg.get("warmup_epochs", method.warmup_epochs)), epochs, False
+    if str(train_cfg.get("schedule", "cosine")) == "poly":
+        power, ratio = float(train_cfg.get("poly_power", 1.0)), float(train_cfg.get("warmup_ratio", 1e-6))
+        return epochs, lambda i: warmup_poly(i, warmup, total, power, ratio), per_step
+    return epochs, lambda i: warmup_cosine(i, warmup, total), per_step
+
+
+def _on_frozen(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, model: nn.Module, dctx: DataContext,
+               data_fingerprint: dict[str, str], loaders: dict[str, DataLoader],
+               amp: bool) -> tuple[nn.Module, dict[str, DataLoader], str]:
+    """(the model to fit, its loaders, the record's ``feature_cache``): the model's trainable rest on its frozen
+    part's cached outputs where the cache may serve the trial (:func:`harness.features.refusal`), else the model on
+    images with the reason it may not."""
+    reason = refusal(method, task, model, spec.train, env.feature_cache)
+    if reason is None and not all(data_fingerprint.values()):
+        reason = f"task {task.name} gives no data fingerprint"
+    if reason is None:
+        try:
+            on_frozen, cached = frozen_loaders(
+                model, loaders, _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
+                env.cache_dir, env.device, amp, storage_dtype(spec.train), env.progress)
+            return on_frozen, cached, "used"
+        except CacheRefused as refused:
+            reason = str(refused)
+    return model, loaders, f"off: {reason}"
 
 
 def _feature_keys(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, model: nn.Module, dctx: DataContext,

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext, Method
+from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext, Method, data_identity
 from harness.errors import HarnessError, did_you_mean
 from methods.toast_checkpoint import top_down_state
 from methods.toast_model import TopDownViT, train_top_down
@@ -85,8 +85,6 @@ DEFAULTS: dict[str, Any] = {
 }
 #: keys that say where the result comes from, not what it is: left out of the cache key
 NOT_IN_KEY = ("auto", "checkpoint", "num_workers")
-#: keys of DataContext.settings that say where data lives, not what it is (the engine's LOCATION_KEYS)
-DATA_LOCATION_KEYS = ("root", "roots")
 
 
 def section_of(raw: dict[str, Any] | None) -> dict[str, Any]:
@@ -101,7 +99,7 @@ def section_of(raw: dict[str, Any] | None) -> dict[str, Any]:
 
 def inputs_of(data: DataContext) -> dict[str, Any]:
     """What the pre-tuning's inputs are (not where they live): size, normalisation and the data settings."""
-    settings = {k: v for k, v in data.settings.items() if k not in DATA_LOCATION_KEYS}
+    settings = data_identity(data.settings)
     return {"image_size": int(data.image_size), "mean": [float(m) for m in data.mean],
             "std": [float(s) for s in data.std], "settings": settings}
 

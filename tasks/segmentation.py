@@ -151,7 +151,7 @@ class SegmentationDataset:
 
     def __init__(self, task: "SegTask", pairs: list[Pair], ctx: DataContext, train: bool):
         self.task, self.pairs, self.train = task, pairs, train
-        self.settings = task.settings(ctx)
+        self.options = task.options(ctx)
         self.mean, self.std = ctx.mean, ctx.std
 
     def __len__(self) -> int:
@@ -164,7 +164,7 @@ class SegmentationDataset:
         pair = self.pairs[index]
         image = _open(pair.image, pair.where, "image").convert("RGB")
         labels = self.task.read_labels(pair)
-        s = self.settings
+        s = self.options
         if not self.train:
             image, _ = _rescale(image, None, s["scale"], 1.0)
             return _to_tensor(np.asarray(image), self.mean, self.std), torch.from_numpy(labels.astype(np.int64))

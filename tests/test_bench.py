@@ -202,7 +202,7 @@ def test_every_attention_call_stays_on_the_fused_kernel(name: str, tmp_path, mon
 def test_evaluation_runs_under_inference_mode() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from harness.train import evaluate
+    from harness.loop import evaluate
 
     class Probe(nn.Module):
         def __init__(self):

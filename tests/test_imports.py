@@ -3,7 +3,10 @@
 * the engine (``harness/``) never imports ``methods`` or ``tasks`` (only the registry's lazy index names them, as
   strings);
 * plug-ins (``methods/``, ``tasks/``) import from the engine only ``harness.api`` and ``harness.errors``;
-* nothing outside ``harness/commands/`` imports a command module.
+* nothing outside ``harness/commands/`` imports a command module;
+* the plug-in interface (``harness/api.py``) imports nothing of the engine but ``harness.registry`` and
+  ``harness.errors`` (engine services are named as ``"module:attr"`` strings, imported on first use), so no import
+  cycle runs through it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_MAY_IMPORT = {"harness", "harness.api", "harness.errors"}
+API_MAY_IMPORT = {"harness", "harness.registry", "harness.errors"}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -68,6 +72,53 @@ def test_only_commands_import_command_modules(folder):
 
     assert violations(folder, bad) == []
 
+
+
+def test_the_interface_imports_nothing_of_the_engine_but_the_registry_and_errors():
+    api = ROOT / "harness" / "api.py"
+    found = [f"harness/api.py:{line}: imports {module}" for line, module in imported_modules(api)
+             if module.split(".")[0] == "harness" and module not in API_MAY_IMPORT]
+    assert found == []
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def engine_import_graph() -> dict[str, set[str]]:
+    """harness module -> the harness modules it imports anywhere in its source (function bodies included: they
+    run too), with the packages a submodule import runs (``harness.executors`` for ``harness.executors.slurm``)."""
+    modules = {module_name(path): path for path in sources("harness")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for _, module in imported_modules(path):
+            parts = module.split(".")
+            targets |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)} & modules.keys()
+        graph[name] = targets - {name}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), list(graph[start])
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph.get(module, ())
+    return seen
+
+
+def test_no_import_cycle_runs_through_the_interface():
+    graph = engine_import_graph()
+    assert "harness.api" in graph["harness.train"]  # the graph sees the engine's imports of the interface
+    assert "harness.api" not in reachable(graph, "harness.api"), sorted(reachable(graph, "harness.api"))
+
+
+def test_the_cycle_check_sees_a_cycle():
+    graph = {"harness.api": {"harness.train"}, "harness.train": {"harness.loop"}, "harness.loop": {"harness.api"}}
+    assert "harness.api" in reachable(graph, "harness.api")
 
 def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
     """The checker itself works: a plug-in importing the training loop's module is reported with its line."""

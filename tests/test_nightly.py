@@ -78,7 +78,7 @@ def plant(results: Path, suite_path: str, run_id: str, values: dict | None = Non
     return runs.read_run(run.folder)
 
 
-def freeze(capsys, suite: str, results: Path, run_id: str = "base") -> Path:
+def baseline_file(capsys, suite: str, results: Path, run_id: str = "base") -> Path:
     out = results.parent / "baseline.json"
     code, text, err = cli(capsys, "baseline", "--suite", suite, "--results", str(results), "--run-id", run_id,
                           "--out", str(out))
@@ -174,7 +174,7 @@ def copy_night(results: Path, source: str, target: str) -> Path:
 # ----------------------------------------------------------------------------------------------------- baseline
 def test_the_baseline_holds_mean_std_n_and_cost_of_the_records(nightly, results, capsys):
     plant(results, nightly, "base", commit="abc123")
-    path = freeze(capsys, nightly, results)
+    path = baseline_file(capsys, nightly, results)
     baseline = json.loads(path.read_text())
     assert baseline["suite"] == "nightly" and baseline["run"]["run_id"] == "base"
     assert baseline["git"]["commit"] == "abc123" and baseline["settings"]["train"]["epochs"] == 1
@@ -194,7 +194,7 @@ def test_without_a_run_or_records_there_is_nothing_to_freeze(nightly, results, c
 # ------------------------------------------------------------------------------------------------------ regress
 def test_a_drop_beyond_tolerance_fails_and_comes_first(nightly, results, capsys):
     plant(results, nightly, "base", commit="abc123")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     plant(results, nightly, "night", {**BASE, ("linear", "demo-position"): [38.0, 39.0],  # -2 > 1.5: regression
                                       ("linear", "demo-digits"): [50.0, 52.0]},          # -14 < 15: within
           commit="def456", created="2099-01-01T03:00:00+00:00")
@@ -212,7 +212,7 @@ def test_a_drop_beyond_tolerance_fails_and_comes_first(nightly, results, capsys)
 
 def test_a_drop_within_tolerance_is_clean(nightly, results, capsys):
     plant(results, nightly, "base")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     plant(results, nightly, "night", {**BASE, ("linear", "demo-digits"): [52.0, 54.0],   # -12 < 15
                                       ("finetune", "demo-digits"): [79.0, 80.5]},         # -0.75 < 1.5
           created="2099-01-01T03:00:00+00:00")
@@ -223,7 +223,7 @@ def test_a_drop_within_tolerance_is_clean(nightly, results, capsys):
 
 def test_a_missing_cell_and_a_failed_trial_are_flagged(nightly, results, capsys):
     plant(results, nightly, "base")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     night = {k: v for k, v in BASE.items() if k != ("finetune", "demo-digits")}
     plant(results, nightly, "night", night, failed=("linear", "demo-position"), created="2099-01-01T03:00:00+00:00")
     code, report, _ = regress(capsys, nightly, results, baseline)
@@ -234,7 +234,7 @@ def test_a_missing_cell_and_a_failed_trial_are_flagged(nightly, results, capsys)
 
 def test_a_flaky_cell_is_reported_but_never_fails(nightly, results, capsys):
     plant(results, nightly, "base")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     plant(results, nightly, "night", {**BASE, ("finetune", "demo-position"): [10.0, 11.0]},
           created="2099-01-01T03:00:00+00:00")
     code, report, out = regress(capsys, nightly, results, baseline)
@@ -245,7 +245,7 @@ def test_a_flaky_cell_is_reported_but_never_fails(nightly, results, capsys):
 
 def test_cost_regressions_are_flagged(nightly, results, capsys):
     plant(results, nightly, "base")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     plant(results, nightly, "night", cost={"train_images_per_s": 600.0, "peak_memory_bytes": 2**31},
           created="2099-01-01T03:00:00+00:00")
     code, report, _ = regress(capsys, nightly, results, baseline)
@@ -264,7 +264,7 @@ def test_could_not_compare_is_exit_2_with_one_clear_line(nightly, make_suite, re
                        str(results / "none.json"), "--report-dir", str(results.parent / "r"))
     assert code == 2 and "no baseline file" in err and not results.exists()  # said before the night, not after
     plant(results, nightly, "base")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     code, _, err = cli(capsys, "regress", "--suite", nightly, "--results", str(results.parent / "empty"),
                        "--baseline", str(baseline))
     assert code == 2 and "no run of suite 'nightly'" in err and len(err.strip().splitlines()) == 1
@@ -277,7 +277,7 @@ def test_could_not_compare_is_exit_2_with_one_clear_line(nightly, make_suite, re
 
 def test_since_prints_each_cells_history_and_the_html_draws_the_flagged_one(nightly, results, capsys):
     plant(results, nightly, "base", created="2026-10-30T03:00:00+00:00")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     plant(results, nightly, "2026-11-01T0300Z", created="2026-11-01T03:00:00+00:00")
     plant(results, nightly, "2026-11-02T0300Z", {**BASE, ("linear", "demo-position"): [30.0, 31.0]},
           created="2026-11-02T03:00:00+00:00")
@@ -312,7 +312,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run does as root)")
 def test_the_html_report_renders_in_a_headless_browser(nightly, results, capsys, tmp_path):
     plant(results, nightly, "base", created="2026-10-30T03:00:00+00:00")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     for day in (1, 2, 3):
         drop = {("linear", "demo-position"): [40.0 - 4 * day, 41.0 - 4 * day]} if day > 1 else {}
         plant(results, nightly, f"2026-11-0{day}T0300Z", {**BASE, **drop}, created=f"2026-11-0{day}T03:00:00+00:00",
@@ -408,11 +408,12 @@ def test_a_night_on_slurm_submits_the_grid_and_a_report_job_that_runs_after_it(m
 def test_the_slurm_report_job_writes_the_report_and_fails_on_a_regression(nightly, results, capsys, tmp_path):
     """What the report job does once SLURM starts it (called here directly): a regression is written, then raised,
     so the job ends FAILED; a comparison that cannot be made still writes a report that says why."""
-    from harness.regress import ReportJob, Tolerances
+    from harness.executors.report import ReportJob
+    from harness.regress import Tolerances
 
     suite = load_suite(nightly)
     plant(results, nightly, "base")
-    baseline = freeze(capsys, nightly, results)
+    baseline = baseline_file(capsys, nightly, results)
     plant(results, nightly, "night", {**BASE, ("linear", "demo-position"): [30.0, 31.0]},
           created="2099-01-01T03:00:00+00:00")
     job = ReportJob(suite, results, "night", baseline, tmp_path / "rep", Tolerances(), suite.methods, suite.tasks)

@@ -14,7 +14,7 @@ from harness.api import TASKS, DataContext, Task
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.schema import SECTIONS
-from harness.sweep import available_suites, load_suite, parse_set, task_data_keys
+from harness.sweep import available_suites, load_suite, parse_set
 
 
 def line_of(path: Path, text: str) -> int:
@@ -160,12 +160,12 @@ def test_a_task_that_declares_data_keys_gets_exactly_those():
         def dataset(self, split: str, ctx: DataContext, train: bool):  # pragma: no cover - never called
             raise AssertionError
 
-    assert task_data_keys(Declared()) == ("crop",)
-    assert task_data_keys(Undeclared()) == ()  # no fallback: a task reads only what it declares
+    assert tuple(Declared().data_keys) == ("crop",)
+    assert tuple(Undeclared().data_keys) == ()  # no fallback: a task reads only what it declares
     # the list-file families declare theirs: VTAB adds preprocess to the list-file checks' keys, FGVC does not
-    assert task_data_keys(TASKS.get("vtab-dtd")) == ("strict_counts", "deep_sample", "preprocess")
-    assert task_data_keys(TASKS.get("fgvc-cub")) == ("strict_counts", "deep_sample")
-    assert task_data_keys(TASKS.get("demo-digits")) == ()
+    assert tuple(TASKS.get("vtab-dtd").data_keys) == ("strict_counts", "deep_sample", "preprocess")
+    assert tuple(TASKS.get("fgvc-cub").data_keys) == ("strict_counts", "deep_sample")
+    assert tuple(TASKS.get("demo-digits").data_keys) == ()
 
 
 def test_a_key_only_another_family_reads_is_refused(make_suite):

@@ -16,6 +16,7 @@ from PIL import Image
 from harness.api import TASKS, DataContext
 from harness.cli import main
 from harness.metrics import confusion_matrix, iou_per_class, mean_iou, miou
+from harness.segmentation import build_segmentation
 
 #: a tiny ViT (4 blocks, so the features are blocks 0-3), tiny crops and heads: a few seconds per trial
 TINY_ARGS = [
@@ -226,7 +227,7 @@ def test_features_drop_prompt_tokens_and_resize_position_embeddings():
     task = TASKS.get("seg-voc")
     ctx = BuildContext(hparams={"prompt_length": 3, "prompt_dropout": 0.0}, suite="t", cache_dir=Path("."),
                        task=task, data=ctx_for(Path("."), decoder_channels=16, aux_channels=8))
-    model = METHODS.get("vpt-deep").build_segmentation(backbone, task, ctx)
+    model = build_segmentation(METHODS.get("vpt-deep"), task, backbone, ctx)
     model.eval()
     maps = model.feature_maps(torch.zeros(2, 3, 48, 64))
     assert [tuple(m.shape) for m in maps] == [(2, 32, 6, 8)] * 4
@@ -371,7 +372,7 @@ def test_no_decay_on_position_embedding_cls_token_and_norms():
     ctx = BuildContext(hparams={}, suite="t", cache_dir=Path("."), task=task,
                        data=ctx_for(Path("."), decoder_channels=16, aux_channels=8))
     method = METHODS.get("finetune")
-    model = method.build_segmentation(backbone, task, ctx)
+    model = build_segmentation(method, task, backbone, ctx)
     optimizer = make_optimizer(method, model, 6e-5, {"weight_decay": 0.01},
                                {"optimizer": "adamw", "no_decay": ["pos_embed", "cls_token", "norm"]})
     names = {id(p): n for n, p in model.named_parameters()}

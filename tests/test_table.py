@@ -31,6 +31,26 @@ def test_table_values_come_from_records(fixed_suite, tmp_path):
     assert header.index("demo-digits") < header.index("natural (mean)") < header.index("| mean")
 
 
+
+def test_the_best_cell_follows_the_metrics_direction(fixed_suite, tmp_path, monkeypatch):
+    """On a lower-is-better task the smallest value is bold, and a mean over tasks of both directions is not
+    marked (it has no better side)."""
+    from harness.api import TASKS
+
+    monkeypatch.setattr(TASKS.get("demo-digits"), "higher_is_better", False)  # an error rate, say
+    suite = load_suite(fixed_suite(tasks=["demo-digits", "demo-textures"]))
+    store = Store(tmp_path)
+    put(store, suite, "linear", "demo-digits", [20.0, 20.0])
+    put(store, suite, "finetune", "demo-digits", [10.0, 10.0])
+    put(store, suite, "linear", "demo-textures", [50.0, 50.0])
+    put(store, suite, "finetune", "demo-textures", [60.0, 60.0])
+    lines = {line.split("|")[1].strip(): line.split("|") for line in build_table(suite, store).splitlines()[2:]}
+    header = [h.strip() for h in build_table(suite, store).splitlines()[0].split("|")]
+    digits, textures, mean = header.index("demo-digits"), header.index("demo-textures"), header.index("mean")
+    assert lines["finetune"][digits].strip() == "**10.0 ± 0.0**" and lines["linear"][digits].strip() == "20.0 ± 0.0"
+    assert lines["finetune"][textures].strip() == "**60.0 ± 0.0**"
+    assert "**" not in lines["finetune"][mean] + lines["linear"][mean]
+
 def test_partial_seeds_are_marked(fixed_suite, tmp_path):
     suite = load_suite(fixed_suite())
     store = Store(tmp_path)

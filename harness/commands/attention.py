@@ -102,8 +102,7 @@ def main(args: argparse.Namespace) -> int:
                 raise HarnessError(f"--trial-weights {path}: no such file")
         weights = list(given)
     store = store_from_args(args)
-    env = TrialEnv(cache_dir=cache_dir(), data_root=suite.data_root, data_roots=dict(suite.data.get("roots") or {}),
-                   device="cpu", progress=True, results_root=store.root)
+    env = TrialEnv.for_suite(suite, cache_dir(), device="cpu", progress=True, results_root=store.root)
     rows, image, shown, described = [], None, None, ""
     for method, path in zip(methods, weights):
         model, label = load_model(method, task.name, suite, env, store, path)

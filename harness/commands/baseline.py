@@ -33,12 +33,12 @@ def add_parser(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from harness.commands import results_dir
-    from harness.regress import freeze, records_source, write_baseline
+    from harness.regress import make_baseline, records_source, write_baseline
 
     suite = suite_from_args(args)
     methods, tasks = select_names(suite, args.methods, args.tasks)
     store, run = records_source(results_dir(args), suite, args.run_id)
-    baseline, notes = freeze(suite, store, run, methods, tasks)
+    baseline, notes = make_baseline(suite, store, run, methods, tasks)
     path = write_baseline(baseline, args.out)
     source = f"run {run.run_id}" if run else str(store.root)
     git = baseline["git"]

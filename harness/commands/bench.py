@@ -112,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
 def _grid(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.bench import GRID_COLUMNS, grid_table, run_grid, write_csv
+    from harness.bench import write_csv
+    from harness.bench_grid import GRID_COLUMNS, grid_table, run_grid
     from harness.store import default_results_dir
 
     rows = run_grid(args.suite, task=args.task, grid_points=args.grid_points, data_root=args.data_root,

@@ -54,7 +54,9 @@ def main(args: argparse.Namespace) -> int:
     from harness.commands import run as run_command
     from harness.errors import HarnessError, did_you_mean
     from harness.executors import EXECUTORS
-    from harness.regress import ReportJob, load_baseline, outcome_lines, run_report
+    from harness.executors.report import ReportJob, run_report
+    from harness.regress import load_baseline
+    from harness.reports import outcome_lines
     from harness.runs import check_run_id, new_run_id, runs_root
 
     if args.executor not in EXECUTORS:

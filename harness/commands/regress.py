@@ -63,7 +63,8 @@ def tolerances_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from harness.regress import history_lines, load_baseline, records_source, regress, report_bases, summary_lines
+    from harness.regress import load_baseline, records_source
+    from harness.reports import history_lines, regress, report_bases, summary_lines
     from harness.runs import parse_time
 
     suite = suite_from_args(args)

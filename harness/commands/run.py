@@ -106,22 +106,20 @@ def describe_inputs(suite, env, task_names: list[str]) -> str:
 def describe_cache(suite, env, method_names: list[str], task_names: list[str]) -> str:
     """One line: which of the run's methods and tasks the frozen-computation cache can serve (harness/features.py;
     what it cannot know before a trial, such as drop-path, each record says), and where it lives."""
-    from harness.api import METHODS, TASKS
+    from harness.features import method_refusal, setting_refusal, storage_dtype, task_refusal
 
-    if not env.feature_cache:
-        return "frozen-computation cache: off (--no-cache)"
-    if suite.train.get("feature_cache", True) is False:
-        return "frozen-computation cache: off (train.feature_cache: false)"
-    users = [m for m in method_names if METHODS.get(m).frozen_features]
-    able = [t for t in task_names if TASKS.get(t).kind == "classification" and TASKS.get(t).deterministic_train]
+    off = setting_refusal(suite.train, env.feature_cache)
+    if off is not None:
+        return f"frozen-computation cache: off ({off})"
+    users = [m for m in method_names if method_refusal(METHODS.get(m)) is None]
+    able = [t for t in task_names if task_refusal(TASKS.get(t)) is None]
     if not users or not able:
         why = "no method here declares a frozen part" if not users else \
             "no task here has deterministic training transforms"
         return f"frozen-computation cache: not used ({why})"
     tasks = "every task" if len(able) == len(task_names) else f"{len(able)} of {len(task_names)} tasks"
-    dtype = suite.train.get("feature_cache_dtype", "float32")
-    return (f"frozen-computation cache: {', '.join(users)} on {tasks} ({dtype}, {env.cache_dir / 'features'}; "
-            "--no-cache turns it off)")
+    return (f"frozen-computation cache: {', '.join(users)} on {tasks} ({storage_dtype(suite.train)}, "
+            f"{env.cache_dir / 'features'}; --no-cache turns it off)")
 
 
 def _fmt(values) -> str:
@@ -138,9 +136,8 @@ def main(args: argparse.Namespace) -> int:
     suite = suite_from_args(args)
     method_names, task_names = select_names(suite, args.methods, args.tasks)
     store = store_from_args(args, suite, start=True)
-    env = TrialEnv(cache_dir=cache_dir(), data_root=suite.data_root, data_roots=dict(suite.data.get("roots") or {}),
-                   progress=not args.no_progress, keep_weights=args.keep_weights, results_root=store.root,
-                   feature_cache=not getattr(args, "no_cache", False))
+    env = TrialEnv.for_suite(suite, cache_dir(), progress=not args.no_progress, keep_weights=args.keep_weights,
+                             results_root=store.root, feature_cache=not getattr(args, "no_cache", False))
     cells = plan_cells(method_names, task_names)
     preflight(suite, cells, env, resolve_artifacts=not args.dry_run)
     rows, pending = plan_summary(suite, cells, store)

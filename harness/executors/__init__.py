@@ -21,8 +21,9 @@ slurm      :mod:`harness.executors.slurm`        submits cells as SLURM job arra
 Entries are lazy (``"module:function"``): listing executors or running inline never imports submitit. The other
 modules: :mod:`~harness.executors.settings` (job resources), :mod:`~harness.executors.code` (code identity and the
 check at job start), :mod:`~harness.executors.job` (the checkpointable job callable),
-:mod:`~harness.executors.ledger` (what was submitted), :mod:`~harness.executors.queue` (what the queue says) and
-:mod:`~harness.executors.status` (records merged with jobs, for ``harness status``).
+:mod:`~harness.executors.ledger` (what was submitted), :mod:`~harness.executors.queue` (what the queue says),
+:mod:`~harness.executors.status` (records merged with jobs, for ``harness status``) and
+:mod:`~harness.executors.report` (the nightly report as a job after the night's arrays).
 """
 
 from __future__ import annotations
