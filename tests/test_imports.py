@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,11 @@ PLUGIN_MAY_IMPORT = {"harness", "harness.api", "harness.errors"}
 API_MAY_IMPORT = {"harness", "harness.registry", "harness.errors"}
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, module) for every import in a file, with relative imports resolved against its package."""
+def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, module) for every import in a file under ``root``, with relative imports resolved against its
+    package."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -40,13 +42,14 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def sources(folder: str) -> list[Path]:
-    return sorted((ROOT / folder).rglob("*.py"))
+def sources(folder: str, root: Path = ROOT) -> list[Path]:
+    return sorted((root / folder).rglob("*.py"))
 
 
-def violations(folder: str, bad) -> list[str]:
-    return [f"{path.relative_to(ROOT)}:{line}: imports {module}"
-            for path in sources(folder) for line, module in imported_modules(path) if bad(path, module)]
+def violations(folder: str, bad, root: Path = ROOT) -> list[str]:
+    return [f"{path.relative_to(root)}:{line}: imports {module}"
+            for path in sources(folder, root) for line, module in imported_modules(path, root)
+            if bad(path, module)]
 
 
 def test_the_engine_never_imports_a_plug_in():
@@ -120,13 +123,12 @@ def test_the_cycle_check_sees_a_cycle():
     graph = {"harness.api": {"harness.train"}, "harness.train": {"harness.loop"}, "harness.loop": {"harness.api"}}
     assert "harness.api" in reachable(graph, "harness.api")
 
-def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
-    """The checker itself works: a plug-in importing the training loop's module is reported with its line."""
-    fake = ROOT / "methods" / "_import_rule_probe.py"
-    fake.write_text("from harness.api import Method\n\nfrom harness.train import run_trial\n")
-    try:
-        found = violations("methods", lambda p, m: m.split(".")[0] == "harness" and m not in PLUGIN_MAY_IMPORT)
-    finally:
-        fake.unlink()
-    assert [line for line in found if "_import_rule_probe" in line] == [
-        "methods/_import_rule_probe.py:3: imports harness.train"]
+def test_the_rules_catch_a_violation(tmp_path):
+    """The checker itself works: in a copy of methods/ (the checkout is never written to), a plug-in importing the
+    training loop's module is reported with its line, and nothing else is."""
+    shutil.copytree(ROOT / "methods", tmp_path / "methods", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "methods" / "_import_rule_probe.py").write_text(
+        "from harness.api import Method\n\nfrom harness.train import run_trial\n")
+    found = violations("methods", lambda p, m: m.split(".")[0] == "harness" and m not in PLUGIN_MAY_IMPORT,
+                       root=tmp_path)
+    assert found == ["methods/_import_rule_probe.py:3: imports harness.train"]
