@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -104,11 +105,30 @@ def test_killed_run_resumes_with_no_lost_or_duplicated_records(make_suite, tmp_p
     assert not [p for p in results.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_help_shows_examples(capsys):
+def help_examples(capsys, command: str) -> list[list[str]]:
+    """The argument lists of the ``harness ...`` example lines under a subcommand's ``examples:``."""
     with pytest.raises(SystemExit):
-        main(["run", "--help"])
-    out = capsys.readouterr().out
-    assert "examples:" in out and "--grid-points" in out and "--dry-run" in out
+        main([command, "--help"])
+    text = capsys.readouterr().out.split("examples:", 1)[1]
+    lines = [line.split("  #")[0].strip() for line in text.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("harness ")]
+
+
+def test_every_example_in_runs_help_parses_and_the_demo_ones_plan(capsys, tmp_path):
+    """Each example of ``harness run --help`` is accepted by the real parser; those on the demo suite also plan
+    (names, --set paths and overrides checked against the suite) with --dry-run, exit 0."""
+    from harness.cli import build_parser
+
+    examples = help_examples(capsys, "run")
+    assert len(examples) >= 5
+    parser = build_parser()
+    for argv in examples:
+        args = parser.parse_args(argv)
+        assert args.command == "run" and args.suite
+    demo = [argv for argv in examples if argv[argv.index("--suite") + 1] == "demo" and "--executor" not in argv]
+    assert len(demo) >= 3
+    for argv in demo:
+        assert main([*argv, "--dry-run", "--results", str(tmp_path / "r")]) == 0, argv
 
 
 # ----------------------------------------------------------------------- known before the first trial, exit codes
