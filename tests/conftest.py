@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,31 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+#: demo backbones pre-trained by earlier pytest runs on this machine. A file's name is the hash of its recipe (model,
+#: upstream data version, schedule, normalisation), so a later run may reuse it instead of pre-training again; a
+#: changed recipe is a new name. ``HARNESS_TEST_ARTIFACTS`` moves the folder; a fresh machine (CI) pre-trains once.
+KEPT_ARTIFACTS = Path(os.environ.get("HARNESS_TEST_ARTIFACTS",
+                                     Path.home() / ".cache" / "harness-tests" / "artifacts"))
+KEPT_PATTERN = "demo-backbone-*.pth"
+
+
 @pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("harness-cache")
+def session_cache(tmp_path_factory) -> Iterator[Path]:
+    cache = tmp_path_factory.mktemp("harness-cache")
+    artifacts = cache / "artifacts"
+    artifacts.mkdir()
+    for kept in KEPT_ARTIFACTS.glob(KEPT_PATTERN):
+        shutil.copyfile(kept, artifacts / kept.name)
+    yield cache
+    try:
+        KEPT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for made in artifacts.glob(KEPT_PATTERN):
+            if not (KEPT_ARTIFACTS / made.name).exists():
+                partial = KEPT_ARTIFACTS / f".{made.name}.{os.getpid()}.tmp"
+                shutil.copyfile(made, partial)
+                os.replace(partial, KEPT_ARTIFACTS / made.name)
+    except OSError:  # a read-only home only costs the next run its pre-training
+        pass
 
 
 @pytest.fixture(autouse=True)
