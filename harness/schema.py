@@ -215,6 +215,8 @@ TRAIN: dict[str, Key] = {
     "eval_batch_size": Key(int, "evaluation batch size (default: 2 x batch_size)", positive=True),
     "lr_scaling": Key(str, "learning rate = base lr (none) or base lr x batch_size / 256", choices=LR_SCALINGS),
     "warmup_epochs": Key(int, "linear warm-up epochs (default: each method's official value)", minimum=0),
+    "lr_step": Key(str, "with epochs: the schedule moves once per epoch (default, as VPT's code) or after every "
+                        "optimiser step (a warm-up then ramps within its epochs)", choices=("epoch", "step")),
     "num_workers": Key(int, "data-loading worker processes (CUDA only: none on the CPU; capped at the CPUs)",
                        minimum=0),
     "label_smoothing": Key(NUMBER, "label smoothing of the cross-entropy (default 0)", minimum=0),

@@ -287,6 +287,8 @@ def _schedule(train_cfg: dict[str, Any], method: Method, iters: int | None,
     else:
         epochs = int(train_cfg["epochs"])
         warmup, total, per_step = int(train_cfg.get("warmup_epochs", method.warmup_epochs)), epochs, False
+        if train_cfg.get("lr_step", "epoch") == "step":  # the same schedule, moved after every optimiser step
+            warmup, total, per_step = warmup * max(1, batches), epochs * max(1, batches), True
     if str(train_cfg.get("schedule", "cosine")) == "poly":
         power, ratio = float(train_cfg.get("poly_power", 1.0)), float(train_cfg.get("warmup_ratio", 1e-6))
         return epochs, lambda i: warmup_poly(i, warmup, total, power, ratio), per_step

@@ -79,3 +79,24 @@ def test_set_on_where_to_run_keys_is_not_a_trial_override(make_suite):
                                                 "train.epochs": 2})
     assert suite.raw["slurm"]["partition"] == "gpu"
     assert suite.overrides == {"set": {"train.epochs": 2}}
+
+
+def test_lr_step_moves_the_epoch_schedule_after_every_step():
+    """``train.lr_step: step`` keeps the warm-up + cosine over the same epochs but moves it per optimiser step: the
+    warm-up ramps within its epoch instead of spending it at factor 0, and the cosine meets the per-epoch one at
+    each epoch boundary. A value other than epoch/step is refused by the schema."""
+    from harness.api import METHODS
+    from harness.train import _schedule
+
+    method = METHODS.get("linear")
+    train = {"epochs": 4, "warmup_epochs": 1}
+    epochs, per_epoch, stepped = _schedule(train, method, None, batches=10)
+    assert (epochs, stepped) == (4, False) and per_epoch(0) == 0.0 and per_epoch(1) == 1.0
+    epochs, per_step, stepped = _schedule({**train, "lr_step": "step"}, method, None, batches=10)
+    assert (epochs, stepped) == (4, True)
+    assert [per_step(i) for i in (0, 5, 10)] == [0.0, 0.5, 1.0]  # the warm-up inside the first epoch
+    for epoch in range(1, 5):
+        assert per_step(10 * epoch) == pytest.approx(per_epoch(epoch))
+    assert per_step(15) < per_step(10) and per_step(40) == pytest.approx(0.0)
+    with pytest.raises(HarnessError, match="lr_step: expected one of epoch, step"):
+        load_suite("demo", sets={"train.lr_step": "iteration"})
