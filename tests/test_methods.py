@@ -276,19 +276,9 @@ def test_finetune_optimizer_typo_is_refused_before_anything_runs(make_suite) -> 
 
 def test_method_files_import_each_other_one_way():
     """No import cycle among methods/ (TOAST's methods use its pre-tuning stage; the stage never imports them)."""
-    from test_imports import imported_modules, sources
+    from test_imports import imported_modules, reachable, sources
 
     graph = {f"methods.{p.stem}": {m for _, m in imported_modules(p) if m.startswith("methods.")}
              for p in sources("methods") if p.stem != "__init__"}
-
-    def reachable(start: str) -> set[str]:
-        seen, todo = set(), list(graph.get(start, ()))
-        while todo:
-            module = todo.pop()
-            if module not in seen:
-                seen.add(module)
-                todo += graph.get(module, ())
-        return seen
-
-    assert not [m for m in graph if m in reachable(m)], "import cycle among methods/"
-    assert "methods.toast" not in reachable("methods.toast_pretune")
+    assert not [m for m in graph if m in reachable(graph, m)], "import cycle among methods/"
+    assert "methods.toast" not in reachable(graph, "methods.toast_pretune")
