@@ -12,9 +12,11 @@ fails it. The cells run as two local worker processes, one per core.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections import defaultdict
 
+import torch
 import yaml
 
 from harness.api import METHODS, TASKS
@@ -47,6 +49,9 @@ def demo_finals_suite(tmp_path) -> str:
 
 
 def test_every_seed_of_every_default_method_beats_chance_and_seeds_agree(tmp_path, capsys):
+    # the backbone's pre-training runs in this process before the workers start: give it the threads a user's run
+    # has (conftest's fixture restores one thread afterwards); each worker then takes one core
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     suite = load_suite("demo")
     methods = [m for m in suite.methods if m in METHODS]
     results = tmp_path / "results"

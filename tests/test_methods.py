@@ -206,7 +206,9 @@ def test_vpt_prompt_length_from_the_sweep() -> None:
     points = grid_points(METHODS.get("vpt-deep"), TASKS.get("demo-digits"), suite)
     from_sweep = suite.settings_for("vpt-deep", "demo-digits")["prompt_length"]
     assert from_sweep != METHODS.get("vpt-deep").defaults_for(TASKS.get("demo-digits"))["prompt_length"]
-    assert points and all(p["prompt_length"] == from_sweep and p["prompt_dropout"] == 0.1 for p in points)
+    dropout = suite.settings_for("vpt-deep", "demo-digits")["prompt_dropout"]
+    assert dropout != METHODS.get("vpt-deep").defaults_for(TASKS.get("demo-digits"))["prompt_dropout"]
+    assert points and all(p["prompt_length"] == from_sweep and p["prompt_dropout"] == dropout for p in points)
     assert {(p["lr"], p["weight_decay"]) for p in points} == {
         (lr, wd) for lr in suite.grid_for("vpt-deep")["lr"] for wd in suite.grid_for("vpt-deep")["weight_decay"]}
     vpt = METHODS.get("vpt-deep")
