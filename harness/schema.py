@@ -217,6 +217,8 @@ TRAIN: dict[str, Key] = {
     "warmup_epochs": Key(int, "linear warm-up epochs (default: each method's official value)", minimum=0),
     "lr_step": Key(str, "with epochs: the schedule moves once per epoch (default, as VPT's code) or after every "
                         "optimiser step (a warm-up then ramps within its epochs)", choices=("epoch", "step")),
+    "eval_every": Key(int, "with epochs: score the evaluation split after every N-th epoch and the last (default 1: "
+                           "the per-epoch curve; the reported metric is the last epoch's either way)", positive=True),
     "num_workers": Key(int, "data-loading worker processes (CUDA only: none on the CPU; capped at the CPUs)",
                        minimum=0),
     "label_smoothing": Key(NUMBER, "label smoothing of the cross-entropy (default 0)", minimum=0),

@@ -231,7 +231,8 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
                  lr_factor=lr_factor, per_step=per_step, evaluate=eval_metric, device=device,
                  amp=amp, generator=generator, checkpoint=checkpoint, checkpoint_every=env.checkpoint_every,
                  progress=f"{spec.method}/{spec.task} {spec.stage}" if env.progress else None,
-                 max_steps=iters, evaluate_every=epochs if iters is not None else 1)
+                 max_steps=iters,
+                 evaluate_every=epochs if iters is not None else int(train_cfg.get("eval_every", 1)))
     curve = result.history
     status = result.status
     out: dict[str, Any] = {

@@ -100,3 +100,31 @@ def test_lr_step_moves_the_epoch_schedule_after_every_step():
     assert per_step(15) < per_step(10) and per_step(40) == pytest.approx(0.0)
     with pytest.raises(HarnessError, match="lr_step: expected one of epoch, step"):
         load_suite("demo", sets={"train.lr_step": "iteration"})
+
+
+def test_eval_every_scores_fewer_epochs_and_reports_the_same_number(fixed_suite, tmp_path, capsys):
+    """``train.eval_every: 3`` over 3 epochs scores the evaluation split once, after the last epoch, and that number
+    and the training losses are those of the every-epoch run (evaluation changes neither weights nor random
+    numbers). A non-positive value is refused by the schema."""
+    import json
+
+    from harness.cli import main
+
+    curves = {}
+    for every in (1, 3):
+        results = tmp_path / f"every-{every}"
+        suite = fixed_suite(methods=["finetune"], tasks=["demo-digits"],
+                            protocol={"kind": "fixed", "final": {"train": "train800val200", "eval": "test"},
+                                      "seeds": [42]},
+                            fixed={"finetune": {"*": {"lr": 0.01, "weight_decay": 0.0}}},
+                            train={"epochs": 3, "batch_size": 100, "eval_batch_size": 500,
+                                   "lr_scaling": "batch/256", "warmup_epochs": 0, "eval_every": every})
+        assert main(["run", "--suite", suite, "--results", str(results), "--no-progress"]) == 0
+        (record,) = [json.loads(p.read_text()) for p in results.rglob("final-*.json")]
+        curves[every] = record["curve"]
+    assert [("eval" in e) for e in curves[1]] == [True, True, True]
+    assert [("eval" in e) for e in curves[3]] == [False, False, True]
+    assert curves[3][-1]["eval"] == curves[1][-1]["eval"]
+    assert [e["train_loss"] for e in curves[3]] == [e["train_loss"] for e in curves[1]]
+    with pytest.raises(HarnessError, match="eval_every"):
+        load_suite("demo", sets={"train.eval_every": 0})
