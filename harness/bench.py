@@ -10,9 +10,9 @@ parameters the method leaves trainable, with its own optimiser; bf16 autocast on
 * ``images_per_s``: batch / step time;
 * ``forward_flops``: forward FLOPs per image, counted as trial records count them
   (:func:`harness.cost.forward_flops`);
-* ``peak_memory_bytes``: :class:`harness.cost.PeakMemory` over building and training the method: CUDA max
-  allocated on a GPU; on the CPU the growth of the process RSS, which memory freed by an earlier method hides
-  (read memory on a GPU);
+* ``peak_memory_bytes``: :class:`harness.cost.PeakMemory`, as a trial measures it: CUDA max allocated over
+  building and training the method on a GPU; on the CPU the peak of the method's own tensors over two untimed
+  training steps before the timed ones;
 * ``vs_finetune``: step time / finetune's step time (when finetune is benched), and ``vs_forward``: step time /
   the plain backbone's forward on the same batch (inference mode), measured in the same run;
 * ``method_forward_ms`` and ``forward_vs_backbone``: the method's own forward (eval mode, inference mode) and its
@@ -188,7 +188,10 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
             nonlocal finite
             finite = train_step(model, optimizer, objective, images, labels, device, config.amp)[2] and finite
 
-        times = _times_ms(step, device, config, bar, after=memory.sample)
+        for _ in range(PeakMemory.TRACKED_STEPS):  # memory first, in untimed steps (tracking costs time on the CPU)
+            with memory.step(model, optimizer):
+                step()
+        times = _times_ms(step, device, config, bar)
     model.eval()
 
     def infer() -> None:
@@ -223,10 +226,8 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
     return out
 
 
-def _times_ms(fn: Callable[[], None], device: str, config: BenchConfig, bar,
-              after: Callable[[], None] | None = None) -> list[float]:
-    """Wall times (ms) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised);
-    ``after`` runs untimed after each call."""
+def _times_ms(fn: Callable[[], None], device: str, config: BenchConfig, bar) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised)."""
     times = []
     for i in range(config.warmup + config.repeats):
         _sync(device)
@@ -235,8 +236,6 @@ def _times_ms(fn: Callable[[], None], device: str, config: BenchConfig, bar,
         _sync(device)
         if i >= config.warmup:
             times.append((time.perf_counter() - t0) * 1000.0)
-        if after is not None:
-            after()
         bar.update(1)
     return times
 
@@ -308,8 +307,8 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
                  "inference mode) / the plain backbone forward. 'cached': the step on the frozen part's outputs "
                  "computed beforehand, as a trial with the feature cache takes it (methods that declare one). "
                  "'trainable' excludes the head."
-                 + (" Peak memory on the CPU is RSS growth (memory an earlier method freed is reused: read it on "
-                    "a GPU)." if kind == "cpu_rss_delta" else ""))
+                 + (" Peak memory on the CPU: the method's own tensors at their peak within a training step "
+                    "(parameters, gradients, optimiser state, activations)." if kind == "cpu_tensor_peak" else ""))
     return text
 
 

@@ -8,20 +8,22 @@ Conventions (every record's ``params`` and ``cost``):
   corresponds to trainable + head (its linear probe is "0.2M", an FGVC-sized head).
 * ``cost.forward_flops``: one forward pass on one image at the suite's image size, eval mode, counted by
   ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs); ViT-B/16 at 224 is 35.1 GFLOPs.
-* ``cost.peak_memory_bytes``: CUDA max allocated during training on a GPU; on the CPU, the growth of the process
-  RSS over the training loop (``peak_memory_kind`` says which).
+* ``cost.peak_memory_bytes``: CUDA max allocated during training on a GPU; on the CPU, the peak of the trial's own
+  tensors over its first optimiser steps (``peak_memory_kind`` says which; :class:`PeakMemory`).
 """
 
 from __future__ import annotations
 
-import time
-
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from harness.api import DEFAULT_IMAGE_SIZE
 
@@ -156,52 +158,96 @@ def _model_image_size(model: nn.Module) -> int:
 
 
 class PeakMemory:
-    """Peak memory during training: CUDA max allocated on a GPU, growth of the process RSS on the CPU."""
+    """Peak memory of training, measured so that it does not depend on what the process ran before:
 
-    #: on the CPU, read the RSS at most this often (a read opens /proc; a cached trial steps every few ms)
-    CPU_SAMPLE_SECONDS = 0.05
+    * CUDA: the caching allocator's maximum allocated bytes over the training loop (exact);
+    * CPU: the peak of the trial's own tensors (parameters, gradients, optimiser state, activations and
+      temporaries) over its first ``TRACKED_STEPS`` optimiser steps (:class:`TensorPeak`); later steps repeat the same
+      allocations. The process's
+      resident memory, which records before 2026-12 held (``cpu_rss_delta``), grows with whatever ran earlier in the
+      process and is not measured any more.
+
+    The loop wraps each optimiser step in :meth:`step`; only the first ones are tracked, so a trial pays the
+    dispatch mode's overhead twice.
+    """
+
+    #: optimiser steps tracked on the CPU: the first (optimiser state is created in it) and one in steady state
+    TRACKED_STEPS = 2
 
     def __init__(self, device: str):
         self.device = device
         self.cuda = device.startswith("cuda")
-        self.base = 0
         self.peak = 0
-        self._last = float("-inf")
-        self._process: Any = None
+        self.tracked = 0
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base = self.peak = self._rss()
         return self
 
-    def sample(self, force: bool = False) -> None:
-        if self.cuda:
-            return
-        now = time.perf_counter()
-        if force or now - self._last >= self.CPU_SAMPLE_SECONDS:
-            self._last = now
-            self.peak = max(self.peak, self._rss())
+    def step(self, model: nn.Module, optimizer: Any) -> Any:
+        """A context around one optimiser step: tracked while fewer than ``TRACKED_STEPS`` were (CPU only)."""
+        if self.cuda or self.tracked >= self.TRACKED_STEPS:
+            return nullcontext()
+        self.tracked += 1
+        return self._tracked_step(model, optimizer)
+
+    @contextmanager
+    def _tracked_step(self, model: nn.Module, optimizer: Any) -> Iterator[None]:
+        tracker = TensorPeak()
+        tracker.add_existing(model, optimizer)
+        with tracker:
+            yield
+        self.peak = max(self.peak, tracker.peak)
 
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
             self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.sample(force=True)
-
-    def _rss(self) -> int:
-        try:
-            import psutil
-
-            if self._process is None:
-                self._process = psutil.Process()
-            return int(self._process.memory_info().rss)
-        except ImportError:  # pragma: no cover
-            return 0
 
     def result(self) -> dict[str, Any]:
-        kind = "cuda_max_allocated" if self.cuda else "cpu_rss_delta"
-        value = self.peak if self.cuda else max(0, self.peak - self.base)
-        return {"peak_memory_bytes": int(value), "peak_memory_kind": kind}
+        kind = "cuda_max_allocated" if self.cuda else "cpu_tensor_peak"
+        return {"peak_memory_bytes": int(self.peak), "peak_memory_kind": kind}
+
+
+class TensorPeak(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while the mode is on: the storages that exist when it starts
+    (:meth:`add_existing`: a model's parameters, gradients and buffers, an optimiser's state) plus every storage an
+    op creates inside it, each counted until it is freed. The CPU has no allocator statistics like CUDA's; torch's
+    own ``MemTracker`` does this per module but cannot track a model with frozen parameters (it hooks every
+    parameter's gradient). Views share their base's storage and count once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def add(self, tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        if storage in self._seen:
+            return
+        size = storage.nbytes()
+        self._seen[storage] = size
+        weakref.finalize(storage, self._free, size)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def add_existing(self, model: nn.Module, optimizer: Any = None) -> None:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            self.add(tensor)
+            if tensor.grad is not None:
+                self.add(tensor.grad)
+        for state in (getattr(optimizer, "state", None) or {}).values():
+            for value in state.values():
+                self.add(value)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            self.add(leaf)
+        return out

@@ -197,7 +197,8 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
             break
         images = to_device(images, device)
         labels = labels.to(device, non_blocking=True)
-        loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp)
+        with memory.step(model, optimizer):
+            loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp)
         if not finite:
             totals.diverged = True
             break
@@ -209,7 +210,6 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         totals.seen += n
         for key, value in logs.items():
             totals.logs[key] = totals.logs.get(key, 0.0) + float(value) * n
-        memory.sample()
     return totals
 
 

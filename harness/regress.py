@@ -10,9 +10,14 @@ commit). :func:`compare` reads the same cells of a run (the latest by default) a
 * ``missing``: the baseline has the cell and the run has no counted final record; ``seeds``: fewer seeds than
   the baseline;
 * ``failed`` / ``diverged``: a trial of the cell failed (an exception) or diverged (a non-finite loss);
-* ``throughput`` / ``memory``: training throughput lower, or peak memory higher, than the baseline's by more than
-  ``cost_tol`` (relative; memory changes under ``MEMORY_FLOOR`` bytes are noise and ignored; cost is compared only
-  when both sides ran on the same kind of device).
+* ``throughput``: training throughput lower than the baseline's by more than ``max(cost_tol, k x the relative std
+  of the baseline's own trials)``, compared only when both sides ran the same way (:func:`cost_context`: device
+  model, CPU threads and instruction set, executor, whether trials shared a process); otherwise the report says
+  once why not, never a regression;
+* ``memory``: peak memory higher by more than ``cost_tol`` and ``MEMORY_FLOOR`` bytes, compared only when both
+  sides ran on the same device model and measured it the same exact way (CUDA's allocator peak, or the CPU's
+  tensor peak, which does not depend on what ran before in the process, so the executor may differ:
+  :class:`harness.cost.PeakMemory`).
 
 A cell with a flag is a *regression*, unless the suite's ``flaky:`` list names it: then it is reported as
 ``flaky`` and never fails. Exit status: 0 clean, 1 a regression, 2 could not compare (no baseline, no run, a
@@ -26,6 +31,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,8 +55,13 @@ EXIT_CLEAN, EXIT_REGRESSION, EXIT_CANNOT_COMPARE = 0, 1, 2
 ABS_TOL = 1.0
 K_STD = 3.0
 COST_TOL = 0.25
-#: peak-memory changes smaller than this are noise (on the CPU the peak is the growth of the process RSS)
-MEMORY_FLOOR = 32 * 2**20
+#: peak-memory changes smaller than this are ignored (both exact measures repeat to the byte; this leaves an
+#: allocator's rounding of a slightly different batch out)
+MEMORY_FLOOR = 2**20
+#: peak-memory kinds measured the same way whatever ran before (``cpu_rss_delta``, older records', is not)
+EXACT_MEMORY_KINDS = ("cuda_max_allocated", "cpu_tensor_peak")
+#: what must match for throughput to be compared (:func:`cost_context`)
+CONTEXT_KEYS = ("device", "threads", "isa", "executor", "shared_process")
 #: history figures: at most this many nights per cell
 HISTORY_NIGHTS = 60
 
@@ -71,6 +82,13 @@ class Tolerances:
     def drop(self, std: float | None) -> float:
         return max(self.abs_tol, self.k * float(std or 0.0))
 
+    def throughput(self, values: list[float] | None) -> float:
+        """The relative throughput drop that counts: ``cost_tol``, or more where the baseline's own trials
+        (seeds) varied: ``k x`` their relative std."""
+        values = [v for v in values or [] if v]
+        spread = statistics.pstdev(values) / statistics.fmean(values) if len(values) >= 2 else 0.0
+        return max(self.cost_tol, self.k * spread)
+
     def check(self) -> "Tolerances":
         for name, value in asdict(self).items():
             if not value >= 0:  # NaN too
@@ -90,6 +108,77 @@ def finite_number(value: Any) -> float | None:
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def cost_context(record: dict[str, Any]) -> dict[str, Any]:
+    """How a record's trial ran, as far as its speed depends on it: the device model (:func:`harness.provenance.
+    device_identity`), on the CPU the threads and instruction set, the executor, and whether other trials ran in
+    its process before it. Records made before records said so have None there."""
+    provenance = record.get("provenance") or {}
+    identity = provenance.get("device_identity") or {}
+    execution = provenance.get("execution") or {}
+    return {"device": identity.get("model"), "threads": identity.get("threads"), "isa": identity.get("isa"),
+            "executor": execution.get("executor"), "shared_process": execution.get("shared_process")}
+
+
+def cell_context(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One context for a cell's records: each key's value where they agree, ``mixed (a, b)`` where not; the cell
+    shared a process when any of its trials did (a cell's second seed runs after its first in every executor)."""
+    contexts = [cost_context(r) for r in records]
+    if not contexts:
+        return None
+    merged: dict[str, Any] = {}
+    for key in CONTEXT_KEYS:
+        values = {json.dumps(c[key]) for c in contexts}
+        if key == "shared_process" and None not in (c[key] for c in contexts):
+            merged[key] = any(c[key] for c in contexts)
+        elif len(values) == 1:
+            merged[key] = contexts[0][key]
+        else:
+            merged[key] = "mixed (" + ", ".join(sorted(values)) + ")"
+    return merged
+
+
+def describe_context(context: dict[str, Any], keys: tuple[str, ...] = CONTEXT_KEYS) -> str:
+    """``Intel(R) Xeon(R) ..., 2 threads, AVX512, inline, after other trials in its process`` (only ``keys``)."""
+    parts = []
+    for key in keys:
+        value = context.get(key)
+        if key == "threads" and isinstance(value, int):
+            parts.append(f"{value} thread{'s' if value != 1 else ''}")
+        elif key == "shared_process" and isinstance(value, bool):
+            parts.append("after other trials in its process" if value else "each trial in a fresh process")
+        elif key == "executor" and value is not None:
+            parts.append(f"{value} executor")
+        elif value is not None:
+            parts.append(str(value))
+    return ", ".join(parts) or "unknown"
+
+
+def throughput_not_compared(base: dict[str, Any], cur: dict[str, Any]) -> str | None:
+    """Why the two sides' throughputs do not compare (None when they do)."""
+    ours, theirs = cur.get("context") or {}, base.get("context") or {}
+    if theirs.get("device") is None:
+        return "the baseline's records do not name their device and executor (frozen before records did)"
+    if ours.get("device") is None:
+        return "this run's records do not name their device and executor"
+    differ = tuple(k for k in CONTEXT_KEYS if ours.get(k) != theirs.get(k))
+    if differ:
+        return f"baseline on {describe_context(theirs, differ)}; this run on {describe_context(ours, differ)}"
+    return None
+
+
+def memory_not_compared(base: dict[str, Any], cur: dict[str, Any]) -> str | None:
+    """Why the two sides' peak memories do not compare (None when they do)."""
+    theirs, ours = base.get("memory_kind"), cur.get("memory_kind")
+    if theirs != ours:
+        return f"measured differently: baseline {theirs}, this run {ours}"
+    if ours not in EXACT_MEMORY_KINDS:
+        return f"{ours} depends on what ran before in the process"
+    theirs_on, ours_on = (base.get("context") or {}).get("device"), (cur.get("context") or {}).get("device")
+    if theirs_on is None or theirs_on != ours_on:
+        return f"baseline on {theirs_on or 'an unnamed device'}, this run on {ours_on or 'an unnamed device'}"
+    return None
 
 
 def read_cells(suite: Suite, store: Store, methods: list[str], tasks: list[str]) -> dict[str, dict[str, Any]]:
@@ -122,6 +211,8 @@ def read_cells(suite: Suite, store: Store, methods: list[str], tasks: list[str])
                 "values": {str(int(s)): float(v) for s, v in zip(rows["seed"], rows["value"])},
                 "metric": info.metric, "higher_is_better": bool(info.higher_is_better),
                 "throughput": _mean([finite_number(v) for v in rows["throughput"]]),
+                "throughput_values": [v for v in (finite_number(x) for x in rows["throughput"]) if v is not None],
+                "context": cell_context(finals),
                 "peak_memory_bytes": max([m for m in memory if m is not None], default=None),
                 "memory_kind": kinds[0] if len(kinds) == 1 else ("mixed" if kinds else None),
                 "wall_time_s": _mean([finite_number(r.get("wall_time_s")) for r in finals]),
@@ -178,10 +269,19 @@ def _source(store: Store, run: Run | None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------ baseline
 def make_baseline(suite: Suite, store: Store, run: Run | None, methods: list[str],
-                  tasks: list[str]) -> tuple[dict, list[str]]:
-    """The baseline of the selected cells (those with counted final records) and notes on the cells left out."""
+                  tasks: list[str], allow_dirty: bool = False) -> tuple[dict, list[str]]:
+    """The baseline of the selected cells (those with counted final records) and notes on the cells left out.
+    Records made by a tree with uncommitted changes are refused unless ``allow_dirty`` (the baseline then says so):
+    a baseline must name code that can be checked out."""
     cells = read_cells(suite, store, methods, tasks)
     kept = {key: cell for key, cell in cells.items() if cell["n"] > 0}
+    dirty = sorted(key for key, cell in kept.items() if cell["dirty"])
+    if dirty and not allow_dirty:
+        commits = sorted({c for key in dirty for c in kept[key]["commits"]})
+        raise HarnessError(f"{len(dirty)} cell(s) of the records to freeze were made by a tree with uncommitted "
+                           f"changes (commit {', '.join(c[:12] for c in commits) or 'unknown'} + edits), e.g. "
+                           f"{dirty[0]}: a baseline must name code that can be checked out. Commit, rerun the "
+                           "suite and freeze that, or pass --allow-dirty to freeze these marked as dirty")
     if not kept:
         other = store.other_settings(suite)
         raise HarnessError(f"nothing to freeze: no counted final records of suite '{suite.name}' in {store.root}"
@@ -193,10 +293,14 @@ def make_baseline(suite: Suite, store: Store, run: Run | None, methods: list[str
              for key, cell in cells.items() if cell["n"] == 0]
     notes += [f"{key}: {cell['n']} of {cell['planned']} seeds" for key, cell in kept.items()
               if cell["n"] < cell["planned"]]
+    contexts = {json.dumps(cell["context"], sort_keys=True) for cell in kept.values()}
+    source = {k: v for k, v in _source(store, run).items() if k != "folder"}  # no path of the machine it ran on
     baseline = {
         "kind": BASELINE_KIND, "schema": BASELINE_SCHEMA, "suite": suite.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run": _source(store, run), "git": _commit_of(kept, run), "settings": settings_of(suite),
+        "run": source, "git": _commit_of(kept, run), "settings": settings_of(suite),
+        "device": (describe_context(next(iter(kept.values()))["context"] or {}) if len(contexts) == 1
+                   else f"{len(contexts)} contexts: see each cell's"),
         "cells": kept,
     }
     return baseline, notes
@@ -247,7 +351,7 @@ def compare_cell(key: str, base: dict[str, Any] | None, cur: dict[str, Any], tol
 
     row: dict[str, Any] = {"cell": key, "method": cur["method"], "task": cur["task"], "flaky": flaky,
                            "baseline": base, "current": cur, "delta": None, "change": None, "tolerance": None,
-                           "throughput_change": None, "memory_change": None, "notes": []}
+                           "throughput_change": None, "throughput_tolerance": None, "memory_change": None}
     if cur["failed"]:
         flag("failed", f"{len(cur['failed'])} failed trial(s): {cur['failed'][0]}")
     if cur["diverged"]:
@@ -266,22 +370,8 @@ def compare_cell(key: str, base: dict[str, Any] | None, cur: dict[str, Any], tol
             if -change > tolerance:
                 flag("drop", f"{base['mean']:.2f} -> {cur['mean']:.2f} ({delta:+.2f}; tolerance {tolerance:.2f} = "
                              f"max({tol.abs_tol:g}, {tol.k:g} x std {float(base.get('std') or 0):.2f}))")
-        same_device = (base.get("memory_kind") == cur["memory_kind"] and base.get("device") == cur["device"])
-        if cur["n"] and not same_device:
-            row["notes"].append(f"cost not compared: baseline on {base.get('device')} ({base.get('memory_kind')}), "
-                                f"this run on {cur['device']} ({cur['memory_kind']})")
-        elif cur["n"]:
-            thr = _relative(cur["throughput"], base.get("throughput"))
-            row["throughput_change"] = thr
-            if thr is not None and thr < -tol.cost_tol:
-                flag("throughput", f"training throughput {base['throughput']:.0f} -> {cur['throughput']:.0f} img/s "
-                                   f"({thr:+.0%}; tolerance -{tol.cost_tol:.0%})")
-            mem = _relative(cur["peak_memory_bytes"], base.get("peak_memory_bytes"))
-            row["memory_change"] = mem
-            grew = (cur["peak_memory_bytes"] or 0) - (base.get("peak_memory_bytes") or 0)
-            if mem is not None and mem > tol.cost_tol and grew > MEMORY_FLOOR:
-                flag("memory", f"peak memory {base['peak_memory_bytes'] / 2**20:.0f} -> "
-                               f"{cur['peak_memory_bytes'] / 2**20:.0f} MiB ({mem:+.0%}; tolerance +{tol.cost_tol:.0%})")
+        if cur["n"]:
+            _compare_cost(row, base, cur, tol, flag)
     row["flags"] = flags
     if flags:
         row["verdict"] = "flaky" if flaky else "regression"
@@ -295,6 +385,51 @@ def compare_cell(key: str, base: dict[str, Any] | None, cur: dict[str, Any], tol
     return row
 
 
+def _compare_cost(row: dict[str, Any], base: dict[str, Any], cur: dict[str, Any], tol: Tolerances, flag) -> None:
+    """Throughput and peak memory of one cell, each only where both sides measured it alike (else the reason goes
+    to ``row["cost_not_compared"]``)."""
+    row["cost_not_compared"] = {}
+    why = throughput_not_compared(base, cur)
+    if why is not None:
+        row["cost_not_compared"]["throughput"] = why
+    else:
+        thr = _relative(cur["throughput"], base.get("throughput"))
+        allowed = tol.throughput(base.get("throughput_values"))
+        row.update(throughput_change=thr, throughput_tolerance=allowed)
+        if thr is not None and thr < -allowed:
+            spread = "" if allowed == tol.cost_tol else " (the baseline's own seeds varied that much)"
+            flag("throughput", f"training throughput {base['throughput']:.0f} -> {cur['throughput']:.0f} img/s "
+                               f"({thr:+.0%}; tolerance -{allowed:.0%}{spread})")
+    why = memory_not_compared(base, cur)
+    if why is not None:
+        row["cost_not_compared"]["memory"] = why
+        return
+    mem = _relative(cur["peak_memory_bytes"], base.get("peak_memory_bytes"))
+    row["memory_change"] = mem
+    grew = (cur["peak_memory_bytes"] or 0) - (base.get("peak_memory_bytes") or 0)
+    if mem is not None and mem > tol.cost_tol and grew > MEMORY_FLOOR:
+        flag("memory", f"peak memory {base['peak_memory_bytes'] / 2**20:.1f} -> "
+                       f"{cur['peak_memory_bytes'] / 2**20:.1f} MiB ({mem:+.0%}; tolerance +{tol.cost_tol:.0%})")
+
+
+def cost_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per cost measure (throughput, memory): on how many compared cells it was compared, and on how many not, by
+    reason: the report's header says it once instead of a note per cell."""
+    summary: dict[str, dict[str, Any]] = {}
+    for measure in ("throughput", "memory"):
+        compared, reasons = 0, {}
+        for row in rows:
+            if "cost_not_compared" not in row:
+                continue  # no baseline cell or no record tonight: nothing to compare at all
+            why = row["cost_not_compared"].get(measure)
+            if why is None:
+                compared += 1
+            else:
+                reasons[why] = reasons.get(why, 0) + 1
+        summary[measure] = {"compared": compared, "not_compared": reasons}
+    return summary
+
+
 def _severity(row: dict[str, Any], tol: Tolerances) -> float:
     """How far a row moved, in tolerances: a missing, failed or diverged cell first, then the larger change."""
     kinds = {f["kind"] for f in row["flags"]}
@@ -303,10 +438,10 @@ def _severity(row: dict[str, Any], tol: Tolerances) -> float:
     scores = [0.0]
     if row["change"] is not None and row["tolerance"]:
         scores.append(abs(row["change"]) / row["tolerance"])
-    for name in ("throughput_change", "memory_change"):
-        value = row[name]
-        if value is not None and tol.cost_tol > 0 and f"{name.split('_')[0]}" in kinds:
-            scores.append(abs(value) / tol.cost_tol)
+    if "throughput" in kinds and row.get("throughput_tolerance"):
+        scores.append(abs(row["throughput_change"]) / row["throughput_tolerance"])
+    if "memory" in kinds and tol.cost_tol > 0:
+        scores.append(abs(row["memory_change"]) / tol.cost_tol)
     return max(scores)
 
 
@@ -334,6 +469,11 @@ def compare(suite: Suite, baseline: dict[str, Any], store: Store, run: Run | Non
     if differ:
         notes.append(f"the suite's settings differ from the baseline's ({', '.join(differ)}): the cells compare "
                      "other trials; freeze a new baseline if the change is intended")
+    git = baseline.get("git") or {}
+    if git.get("dirty"):
+        notes.append(f"the baseline was frozen from records of a tree with uncommitted changes (commit "
+                     f"{str(git.get('commit') or 'unknown')[:12]} + edits, `harness baseline --allow-dirty`): the code "
+                     "it measured cannot be checked out")
     outside = sorted(set(baseline["cells"]) - set(cells))
     if outside:
         notes.append(f"{len(outside)} baseline cell(s) not selected: {', '.join(outside[:8])}"
@@ -347,7 +487,7 @@ def compare(suite: Suite, baseline: dict[str, Any], store: Store, run: Run | Non
                      "git": baseline.get("git") or {}},
         "run": {**_source(store, run), "git": _commit_of(cells, run)},
         "tolerances": {k: (v if math.isfinite(v) else None) for k, v in asdict(tol).items()},  # None: off
-        "memory_floor_bytes": MEMORY_FLOOR,
+        "memory_floor_bytes": MEMORY_FLOOR, "cost": cost_summary(rows),
         "counts": counts, "notes": notes, "cells": rows, "history": {},
     }
 

@@ -98,7 +98,7 @@ def _table_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "peak MiB": f"{_fmt((base.get('peak_memory_bytes') or 0) / 2**20 if base.get('peak_memory_bytes') is not None else None, '.0f')}"
                         f" → {_fmt(cur['peak_memory_bytes'] / 2**20 if cur.get('peak_memory_bytes') is not None else None, '.0f')}",
             "wall s/trial": f"{_fmt(base.get('wall_time_s'), '.1f')} → {_fmt(cur.get('wall_time_s'), '.1f')}",
-            "flags": ", ".join(f["kind"] for f in row["flags"]) or "; ".join(row["notes"]),
+            "flags": ", ".join(f["kind"] for f in row["flags"]),
         })
     return rows
 
@@ -125,9 +125,23 @@ def _tolerance_line(report: dict[str, Any]) -> str:
     tol = report["tolerances"]
     drop = (f"a drop counts beyond max({tol['abs_tol']:g}, {tol['k']:g} × the baseline's seed std) points"
             if tol["abs_tol"] is not None and tol["k"] is not None else "drops are not checked")
-    cost = (f"cost beyond {tol['cost_tol']:.0%} (throughput lower, peak memory higher)" if tol["cost_tol"] is not None
-            else "cost not checked (--cost-tol inf)")
+    cost = (f"throughput lower by more than max({tol['cost_tol']:.0%}, {tol['k']:g} × the spread of the baseline's "
+            f"own trials), peak memory higher by more than {tol['cost_tol']:.0%}"
+            if tol["cost_tol"] is not None and tol["k"] is not None else "cost not checked (--cost-tol inf)")
     return f"{drop}; {cost}; flaky cells never fail"
+
+
+def cost_lines(report: dict[str, Any]) -> list[str]:
+    """Per cost measure, on how many cells it was compared and why not on the others (the report's header)."""
+    lines = []
+    for measure, counts in (report.get("cost") or {}).items():
+        total = counts["compared"] + sum(counts["not_compared"].values())
+        if not total:
+            continue
+        text = f"{measure} compared on {counts['compared']} of {total} cell(s)"
+        reasons = [f"{n} on accuracy only: {why}" for why, n in counts["not_compared"].items()]
+        lines.append(text + ("; " + "; ".join(reasons) if reasons else ""))
+    return lines
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -138,6 +152,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines += [f"- {name}: {text}" for name, text in _sides(report)]
     lines += [f"- rule: {_tolerance_line(report)}", f"- cells: " + ", ".join(
         f"{v} {k}" for k, v in sorted(report["counts"].items(), key=lambda kv: VERDICT_ORDER.index(kv[0])))]
+    lines += [f"- cost: {line}" for line in cost_lines(report)]
     lines += [f"- note: {note}" for note in report["notes"]]
     flagged = [r for r in report["cells"] if r["flags"]]
     if flagged:
@@ -202,6 +217,8 @@ def html_report(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
     parts.append(f"<dt>rule</dt><dd>{esc(_tolerance_line(report))}</dd>")
     parts.append("<dt>cells</dt><dd>" + esc(", ".join(
         f"{v} {k}" for k, v in sorted(report["counts"].items(), key=lambda kv: VERDICT_ORDER.index(kv[0])))) + "</dd>")
+    for line in cost_lines(report):
+        parts.append(f"<dt>cost</dt><dd>{esc(line)}</dd>")
     for note in report["notes"]:
         parts.append(f"<dt>note</dt><dd>{esc(note)}</dd>")
     parts.append("</dl>")
@@ -277,6 +294,7 @@ def summary_lines(outcome: Outcome) -> list[str]:
     lines = [f"{_headline(report)} (exit {report['exit_code']})"]
     lines += [f"  {name}: {text}" for name, text in _sides(report)]
     lines.append(f"  rule: {_tolerance_line(report)}")
+    lines += [f"  cost: {line}" for line in cost_lines(report)]
     for row in report["cells"]:
         if row["flags"]:
             lines.append(f"  {row['verdict']}: {row['cell']}: "

@@ -41,7 +41,7 @@ from harness.features import CacheRefused, frozen_loaders, module_fingerprint, r
 from harness.inputs import artifact_resolver, data_context
 from harness.loop import fit, pick_device, seed_everything, trainable_state, warmup_cosine, warmup_poly
 from harness.plan import TrialSpec, without_unversioned
-from harness.provenance import provenance
+from harness.provenance import next_trial_in_process, provenance
 from harness.sweep import Suite
 
 
@@ -181,6 +181,7 @@ def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     gives a ``diverged`` record; any other exception gives a ``failed`` record with its traceback."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    trial_in_process = next_trial_in_process()
     record: dict[str, Any] = {"id": spec.id, "spec": spec.to_dict(), "started_at": started.isoformat()}
     try:
         record.update(_train(spec, env))
@@ -191,7 +192,7 @@ def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
                       error={"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()})
     record["wall_time_s"] = round(time.perf_counter() - t0, 3)
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
-    record["provenance"] = provenance(env.device)
+    record["provenance"] = provenance(env.device, trial_in_process)
     return record
 
 

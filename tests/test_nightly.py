@@ -33,7 +33,11 @@ CELLS = [("linear", "demo-digits"), ("linear", "demo-position"), ("finetune", "d
 #: first cell; std 0.5 -> max(1, 1.5) = 1.5 elsewhere)
 BASE = {("linear", "demo-digits"): [60.0, 70.0], ("linear", "demo-position"): [40.0, 41.0],
         ("finetune", "demo-digits"): [80.0, 81.0], ("finetune", "demo-position"): [50.0, 51.0]}
-COST = {"train_images_per_s": 1000.0, "peak_memory_bytes": 2**30, "peak_memory_kind": "rss"}
+COST = {"train_images_per_s": 1000.0, "peak_memory_bytes": 2**30, "peak_memory_kind": "cpu_tensor_peak"}
+#: where a planted night ran (records' provenance): a device identity and an execution
+XEON = {"device_identity": {"kind": "cpu", "model": "Intel(R) Xeon(R) Platinum 8481C", "threads": 1, "isa": "AVX512"},
+        "execution": {"executor": "inline", "trial_in_process": 1, "shared_process": True}}
+EPYC = {**XEON, "device_identity": {"kind": "cpu", "model": "AMD EPYC 7B13", "threads": 1, "isa": "AVX2"}}
 
 
 @pytest.fixture
@@ -54,9 +58,11 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def plant(results: Path, suite_path: str, run_id: str, values: dict | None = None, cost: dict | None = None,
-          commit: str = "c0ffee", created: str | None = None, failed: tuple | None = None) -> runs.Run:
+          commit: str = "c0ffee", created: str | None = None, failed: tuple | None = None,
+          machine: dict | None = None, dirty: bool = False, throughputs: list | None = None) -> runs.Run:
     """A night whose records are written directly: ``values`` per (method, task) (default BASE; a cell left out is
-    missing), the same ``cost`` for every record, ``failed`` = (method, task) whose first seed failed."""
+    missing), the same ``cost`` for every record (``throughputs``: per seed instead), ``failed`` = (method, task)
+    whose first seed failed, ``machine`` the provenance's device identity and execution (default XEON)."""
     suite = load_suite(suite_path)
     run = runs.start_run(results, run_id, suite.name, command=["test"])
     if created:
@@ -69,8 +75,11 @@ def plant(results: Path, suite_path: str, run_id: str, values: dict | None = Non
         for i, (spec, value) in enumerate(zip(final_specs(suite, cell, fixed_hparams(suite, cell)), seeds)):
             record = {"spec": spec, "status": "ok", "metrics": {"eval": value}, "curve": [],
                       "params": {"trainable": 1000, "head": 10, "total": 5000}, "wall_time_s": 2.0,
-                      "provenance": {"git": {"commit": commit, "dirty": False}, "device_name": "cpu"},
+                      "provenance": {"git": {"commit": commit, "dirty": dirty}, "device": "cpu",
+                                     **(machine or XEON)},
                       "cost": {"forward_flops": 2e9, **COST, **(cost or {})}}
+            if throughputs:
+                record["cost"]["train_images_per_s"] = throughputs[i]
             if failed == (method, task) and i == 0:
                 record.update(status="failed", metrics={"eval": None},
                               error={"type": "ValueError", "message": "planted", "traceback": ""})
@@ -135,7 +144,8 @@ def test_two_nights_are_both_kept_a_rerun_resumes_and_nightly_compares(nightly, 
     assert code == 0 and "linear" in out and " ± " in out
 
     baseline = results.parent / "baseline.json"
-    code, out, _ = cli(capsys, "baseline", *select[:8], "--run-id", "night-1", "--out", str(baseline))
+    # --allow-dirty: these records come from the working tree under test, committed or not
+    code, out, _ = cli(capsys, "baseline", *select[:8], "--run-id", "night-1", "--out", str(baseline), "--allow-dirty")
     assert code == 0 and "froze 1 cell(s)" in out
     report_dir = results.parent / "nightly-report"
     code, out, _ = cli(capsys, "nightly", *select, "--run-id", "night-3", "--baseline", str(baseline),
@@ -256,6 +266,76 @@ def test_cost_regressions_are_flagged(nightly, results, capsys):
                "--report-dir", str(results.parent / "r2"), "--cost-tol", "inf")[0] == 0
 
 
+def test_cost_is_not_compared_with_a_baseline_of_another_machine(nightly, results, capsys):
+    """A baseline frozen on a Xeon, a night on an EPYC with the same accuracies, 40% slower and with more memory:
+    clean (exit 0), and the header says once that cost was not compared on each cell, naming both machines."""
+    plant(results, nightly, "base")
+    baseline = baseline_file(capsys, nightly, results)
+    assert json.loads(baseline.read_text())["device"].startswith("Intel(R) Xeon(R) Platinum 8481C, 1 thread, AVX512")
+    plant(results, nightly, "night", cost={"train_images_per_s": 600.0, "peak_memory_bytes": 2**31}, machine=EPYC,
+          created="2099-01-01T03:00:00+00:00")
+    code, report, out = regress(capsys, nightly, results, baseline)
+    assert code == 0 and not flagged(report), out
+    why = "baseline on Intel(R) Xeon(R) Platinum 8481C, AVX512; this run on AMD EPYC 7B13, AVX2"
+    assert report["cost"]["throughput"] == {"compared": 0, "not_compared": {why: 4}}
+    assert report["cost"]["memory"] == {"compared": 0, "not_compared": {
+        "baseline on Intel(R) Xeon(R) Platinum 8481C, this run on AMD EPYC 7B13": 4}}
+    assert f"cost: throughput compared on 0 of 4 cell(s); 4 on accuracy only: {why}" in out
+    markdown = (results.parent / "report" / "report.md").read_text()
+    assert f"- cost: throughput compared on 0 of 4 cell(s); 4 on accuracy only: {why}" in markdown
+
+
+def test_an_executor_change_skips_throughput_but_memory_is_still_compared(nightly, results, capsys):
+    """Tonight in fresh SLURM jobs on the baseline's machine: throughput is not compared (a process of its own
+    runs at another speed), the CPU's tensor peak is (it does not depend on the process), and a doubled peak is
+    flagged."""
+    plant(results, nightly, "base")
+    baseline = baseline_file(capsys, nightly, results)
+    slurm = {**XEON, "execution": {"executor": "slurm", "trial_in_process": 1, "shared_process": True}}
+    plant(results, nightly, "night", cost={"train_images_per_s": 100.0, "peak_memory_bytes": 2**31}, machine=slurm,
+          created="2099-01-01T03:00:00+00:00")
+    code, report, _ = regress(capsys, nightly, results, baseline)
+    assert code == 1 and flagged(report)["linear/demo-digits"] == ["memory"]
+    assert report["cost"]["throughput"]["not_compared"] == {
+        "baseline on inline executor; this run on slurm executor": 4}
+    assert report["cost"]["memory"] == {"compared": 4, "not_compared": {}}
+
+
+def test_the_throughput_tolerance_widens_with_the_baselines_own_spread(nightly, results, capsys):
+    """Baseline seeds at 600 and 1400 img/s (±40%): a night at 700 (-30%) is within k x their spread; the same
+    night against seeds at 1000 and 1000 is a throughput regression beyond the 25% floor."""
+    only = {("linear", "demo-digits"): [60.0, 70.0]}
+    plant(results, nightly, "base", values=only, throughputs=[600.0, 1400.0])
+    baseline = baseline_file(capsys, nightly, results)
+    plant(results, nightly, "night", values=only, throughputs=[700.0, 700.0], created="2099-01-01T03:00:00+00:00")
+    code, report, _ = regress(capsys, nightly, results, baseline, "--methods", "linear", "--tasks", "demo-digits")
+    row = report["cells"][0]
+    assert code == 0 and row["throughput_change"] == pytest.approx(-0.3)
+    assert row["throughput_tolerance"] == pytest.approx(3 * 0.4)
+    plant(results, nightly, "base2", values=only, throughputs=[1000.0, 1000.0])
+    steady = baseline_file(capsys, nightly, results, run_id="base2")
+    code, report, _ = regress(capsys, nightly, results, steady, "--methods", "linear", "--tasks", "demo-digits")
+    assert code == 1 and flagged(report) == {"linear/demo-digits": ["throughput"]}
+    assert report["cells"][0]["throughput_tolerance"] == pytest.approx(0.25)
+
+
+def test_a_baseline_of_a_dirty_tree_is_refused_unless_allowed_and_then_said(nightly, results, capsys):
+    """Records made with uncommitted changes: `harness baseline` refuses them (exit 2, one line naming the commit);
+    with --allow-dirty it freezes them, marked, and every report says so. No path of the machine is stored."""
+    plant(results, nightly, "base", dirty=True)
+    out_file = results.parent / "baseline.json"
+    argv = ["baseline", "--suite", nightly, "--results", str(results), "--run-id", "base", "--out", str(out_file)]
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and not out_file.exists()
+    assert "uncommitted changes (commit c0ffee + edits)" in err and "--allow-dirty" in err and "Traceback" not in err
+    assert cli(capsys, *argv, "--allow-dirty")[0] == 0
+    frozen = json.loads(out_file.read_text())
+    assert frozen["git"]["dirty"] is True and str(results) not in out_file.read_text()
+    plant(results, nightly, "night", created="2099-01-01T03:00:00+00:00")
+    code, report, out = regress(capsys, nightly, results, out_file)
+    assert code == 0 and any("frozen from records of a tree with uncommitted changes" in n for n in report["notes"])
+
+
 def test_could_not_compare_is_exit_2_with_one_clear_line(nightly, make_suite, results, capsys):
     base = ["regress", "--suite", nightly, "--results", str(results), "--report-dir", str(results.parent / "r")]
     code, _, err = cli(capsys, *base, "--baseline", str(results / "none.json"))
@@ -357,7 +437,7 @@ def test_a_night_on_slurm_submits_the_grid_and_a_report_job_that_runs_after_it(m
     select = ["--suite", suite, "--results", str(results), "--no-progress"]
     assert cli(capsys, "run", *select, "--run-id", "night-1", "--no-table")[0] == 0  # inline: the baseline night
     baseline = results.parent / "baseline.json"
-    assert cli(capsys, "baseline", *select[:4], "--run-id", "night-1", "--out", str(baseline))[0] == 0
+    assert cli(capsys, "baseline", *select[:4], "--run-id", "night-1", "--out", str(baseline), "--allow-dirty")[0] == 0
     report_dir = results.parent / "report"
     code, out, err = cli(capsys, "nightly", *select, "--run-id", "night-2", "--executor", "slurm", "--baseline",
                          str(baseline), "--report-dir", str(report_dir), "--cost-tol", "inf")

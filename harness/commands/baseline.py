@@ -19,6 +19,9 @@ examples:
 Without --run-id it reads the suite's latest run (<results>/_runs/<run id>/, see `harness run --run-id`); when the
 suite has no run at all, the records under <results>/ (a plain `harness run`). Commit the file: it is the reference
 every later `harness regress` compares with. Freeze a new one after an intended change of results or settings.
+Records made by a tree with uncommitted changes are refused (--allow-dirty freezes them, marked so). Cost
+(throughput, memory) compares only with records made the same way (device model, CPU threads and instruction set,
+executor): keep one baseline per kind of machine, e.g. results/baselines/nightly-a100.json.
 """
 
 
@@ -28,6 +31,9 @@ def add_parser(sub) -> None:
     add_suite_args(parser)
     parser.set_defaults(suite="nightly")
     parser.add_argument("--out", type=Path, required=True, help="the baseline file to write (JSON)")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="freeze records made by a tree with uncommitted changes (refused by default); the "
+                             "baseline and every report against it say so")
     parser.set_defaults(func=main)
 
 
@@ -38,12 +44,13 @@ def main(args: argparse.Namespace) -> int:
     suite = suite_from_args(args)
     methods, tasks = select_names(suite, args.methods, args.tasks)
     store, run = records_source(results_dir(args), suite, args.run_id)
-    baseline, notes = make_baseline(suite, store, run, methods, tasks)
+    baseline, notes = make_baseline(suite, store, run, methods, tasks, allow_dirty=args.allow_dirty)
     path = write_baseline(baseline, args.out)
     source = f"run {run.run_id}" if run else str(store.root)
     git = baseline["git"]
     print(f"froze {len(baseline['cells'])} cell(s) of suite {suite.name} from {source} (commit "
           f"{str(git.get('commit') or 'unknown')[:12]}{' dirty' if git.get('dirty') else ''}) to {path}")
+    print(f"  made on: {baseline['device']}")
     for key, cell in baseline["cells"].items():
         thr = f"{cell['throughput']:.0f} img/s" if cell["throughput"] is not None else "– img/s"
         print(f"  {key:<32} {cell['mean']:7.2f} ± {cell['std']:.2f}  n={cell['n']}  {thr}")
