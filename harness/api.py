@@ -244,6 +244,11 @@ class Task(abc.ABC):
         """A short hash of what defines the split's content (its list file, or its generator's settings)."""
         return ""
 
+    def expected_size(self, split: str) -> int | None:
+        """How many images ``split`` holds, when known without the data (planning: ``harness run --dry-run``'s
+        compute estimate); None when unknown."""
+        return None
+
     def check(self, ctx: DataContext, deep: bool = False) -> list[str]:
         """Problems with the data on disk, one message each; empty when clean. ``deep`` also decodes images."""
         return []

@@ -256,6 +256,10 @@ class DemoTask(Task):
         return {"train800": slice(0, 800), "val200": slice(800, 1000), "train800val200": slice(0, 1000),
                 "test": slice(1000, self.total)}[split]
 
+    def expected_size(self, split: str) -> int | None:
+        part = self.indices(split)
+        return len(range(*part.indices(self.total)))
+
     def dataset(self, split: str, ctx: DataContext, train: bool):
         arrays = self.arrays(ctx.cache_dir)
         sel = self.indices(split)

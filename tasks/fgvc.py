@@ -45,6 +45,13 @@ FGVC_TASKS: dict[str, tuple[str, str, int]] = {
     "fgvc-cars": ("Stanford-cars", "", 196),
 }
 
+#: (train, val, test) sizes of VPT's splits as its appendix is commonly cited: for planning only (the compute
+#: estimate of `harness run --dry-run`), never checked against the data (docs/protocol.md §8: unverified)
+FGVC_PLANNING_SIZES: dict[str, tuple[int, int, int]] = {
+    "fgvc-cub": (5394, 600, 5794), "fgvc-nabirds": (21536, 2393, 24633), "fgvc-flowers": (1020, 1020, 6149),
+    "fgvc-dogs": (10800, 1200, 8580), "fgvc-cars": (7329, 815, 8041),
+}
+
 
 class _Pairs(list):
     """A JSON object as its (key, value) pairs in file order, so duplicate keys are seen, not silently merged."""
@@ -80,6 +87,10 @@ class FgvcTask(ListTask):
 
     def split_file(self, root: Path, split: str) -> Path:
         return root / f"{split}.json"
+
+    def expected_size(self, split: str) -> int | None:
+        sizes = FGVC_PLANNING_SIZES.get(self.name)
+        return dict(zip(FGVC_SPLITS, sizes)).get(split) if sizes else None
 
     def image_dir(self, root: Path) -> Path:
         return root / self.images if self.images else root

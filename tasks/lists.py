@@ -153,6 +153,9 @@ class ListTask(Task):
     def expected_count(self, split: str) -> int | None:
         return None
 
+    def expected_size(self, split: str) -> int | None:
+        return self.expected_count(split)
+
     def entry_problems(self, report: SplitReport) -> list[str]:
         """Per-entry label checks (labels outside [0, num_classes) and the like)."""
         return []

@@ -210,6 +210,11 @@ class SegTask(SegmentationTask):
     wrong_mode_hint: str = ""
     #: label values a mask may hold
     label_values: frozenset[int] = frozenset()
+    #: the official splits' image counts, for planning only (`harness run --dry-run`'s estimate)
+    planning_sizes: dict[str, int] = {}
+
+    def expected_size(self, split: str) -> int | None:
+        return self.planning_sizes.get(split)
 
     # -- where -------------------------------------------------------------------------------------------------
     def root(self, ctx: DataContext) -> Path:
@@ -355,6 +360,7 @@ class SegTask(SegmentationTask):
 class VocTask(SegTask):
     name = "seg-voc"
     num_classes = 21
+    planning_sizes = {"train": 1464, "val": 1449}  # VOC2012 segmentation (without the SBD augmentation)
     class_names = VOC_CLASSES
     crop_size = (512, 512)
     scale = (2048, 512)
@@ -395,6 +401,7 @@ class VocTask(SegTask):
 class CityscapesTask(SegTask):
     name = "seg-cityscapes"
     num_classes = 19
+    planning_sizes = {"train": 2975, "val": 500}
     class_names = CITYSCAPES_CLASSES
     crop_size = (512, 1024)
     scale = (2048, 1024)

@@ -61,6 +61,14 @@ VTAB_TASKS: dict[str, tuple[int, str]] = {
 }
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 VTAB_COUNTS: dict[str, int | None] = {"train800": 800, "val200": 200, "train800val200": 1000, "test": None}
+#: the full test splits' sizes as task_adaptation's TFDS splits give them: for planning only (the compute estimate
+#: of `harness run --dry-run`), never checked against the data (unverified here)
+VTAB_TEST_SIZES: dict[str, int] = {
+    "cifar": 10000, "caltech101": 6084, "dtd": 1880, "oxford_flowers102": 6149, "oxford_iiit_pet": 3669,
+    "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768, "eurosat": 5400, "resisc45": 6300,
+    "diabetic_retinopathy": 42670, "clevr_count": 15000, "clevr_dist": 15000, "dmlab": 22735, "kitti": 711,
+    "dsprites_loc": 73728, "dsprites_ori": 73728, "smallnorb_azi": 12150, "smallnorb_ele": 12150,
+}
 
 #: preprocessing variants: name -> (resize, interpolation, centre crop, pinned (mean, std) or None). ``resize``
 #: "square" resizes to size x size (aspect not kept), "short" resizes the short side to size. None: the statistics
@@ -99,6 +107,9 @@ class VtabTask(ListTask):
 
     def expected_count(self, split: str) -> int | None:
         return VTAB_COUNTS[split]
+
+    def expected_size(self, split: str) -> int | None:
+        return VTAB_COUNTS[split] if split != "test" else VTAB_TEST_SIZES.get(self.folder)
 
     def parse(self, path: Path) -> tuple[list[Entry], list[str]]:
         try:

@@ -37,7 +37,11 @@ def add_parser(sub) -> None:
     parser = sub.add_parser("run", help="run or submit a suite's grid", description=__doc__, epilog=EXAMPLES,
                             formatter_class=formatter)
     add_suite_args(parser)
-    parser.add_argument("--dry-run", action="store_true", help="print the planned cells and trial counts; run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the planned cells, trial counts and estimated GPU-hours; run nothing (what "
+                             "would stop a run, such as missing data, is listed as warnings)")
+    parser.add_argument("--gpus-available", type=int, default=1, metavar="N",
+                        help="--dry-run: the wall time estimate spreads the GPU-hours over N GPUs (default 1)")
     parser.add_argument("--executor", default="inline",
                         help="where cells run: inline (default, this process), local (parallel processes, waits), "
                              "slurm (job arrays; submits and returns)")
@@ -139,7 +143,10 @@ def main(args: argparse.Namespace) -> int:
     env = TrialEnv.for_suite(suite, cache_dir(), progress=not args.no_progress, keep_weights=args.keep_weights,
                              results_root=store.root, feature_cache=not getattr(args, "no_cache", False))
     cells = plan_cells(method_names, task_names)
-    preflight(suite, cells, env, resolve_artifacts=not args.dry_run)
+    if args.dry_run:
+        warnings = dry_run_problems(suite, cells, env)
+    else:
+        preflight(suite, cells, env)
     rows, pending = plan_summary(suite, cells, store)
     for problem in store.problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -155,7 +162,17 @@ def main(args: argparse.Namespace) -> int:
     print(describe_inputs(suite, env, task_names))
     print(describe_cache(suite, env, method_names, task_names))
     if args.dry_run:
+        from harness.estimate import estimate
+        from harness.commands import results_dir
+
         print(tabulate(rows, headers="keys", tablefmt="simple"))
+        if args.gpus_available < 1:
+            raise HarnessError(f"--gpus-available: expected 1 or more, got {args.gpus_available}")
+        for line in estimate(suite, cells, store, results_dir(args), gpus=args.gpus_available,
+                             feature_cache=env.feature_cache).lines():
+            print(line)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     start_run_from_args(args, suite)
     executor = EXECUTORS[args.executor]
@@ -184,6 +201,45 @@ def exit_code(suite, cells: list[Cell], store, report: bool = True) -> int:
         for line in lines:
             print(line)
     return 1 if lines else 0
+
+
+def dry_run_problems(suite, cells: list[Cell], env) -> list[str]:
+    """What the pre-flight would refuse, as warnings for a plan printed anyway: the data and the backbone, each
+    kind of problem once however many tasks share it (:func:`group_problems`). Artifacts are not made."""
+    from harness.inputs import check_backbone_spec, suite_data_context
+
+    problems: list[str] = []
+    try:
+        check_backbone_spec(suite.backbone)
+    except HarnessError as err:
+        problems.append(f"backbone: {err}")
+    ctx = suite_data_context(suite, env.cache_dir)
+    for name in dict.fromkeys(c.task for c in cells):
+        problems += TASKS.get(name).check(ctx, deep=False)
+    return group_problems(problems)
+
+
+def group_problems(problems: list[str]) -> list[str]:
+    """Problems that differ only in a few words (the task's name, its folder) as one line: the words they share,
+    ``<…>`` where they differ, and how many there were (VTAB's 19 "no data root" lines become one)."""
+    groups: list[list[list[str]]] = []
+    for problem in problems:
+        words = problem.split(" ")
+        for group in groups:
+            first = group[0]
+            if len(first) == len(words) and sum(a != b for a, b in zip(first, words)) <= max(1, len(words) // 4):
+                group.append(words)
+                break
+        else:
+            groups.append([words])
+    lines = []
+    for group in groups:
+        if len(group) == 1:
+            lines.append(" ".join(group[0]))
+            continue
+        template = [w if all(g[i] == w for g in group) else "<…>" for i, w in enumerate(group[0])]
+        lines.append(f"{len(group)} alike: " + " ".join(template))
+    return lines
 
 
 def preflight(suite, cells: list[Cell], env, resolve_artifacts: bool = True) -> None:
