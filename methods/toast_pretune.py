@@ -195,7 +195,8 @@ def toast_pretuned(request: ArtifactRequest) -> Path:
     if not cfg["auto"]:
         raise HarnessError(
             f"no pre-tuned TOAST checkpoint for suite '{request.suite}' (looked for {path}): run `{command}` first, "
-            "or set pretune.checkpoint to an official TOAST checkpoint")
+            "or set pretune.checkpoint to an official TOAST checkpoint"
+            + made_elsewhere(request.cache_dir, method, request.backbone, pretune_architecture(toast), cfg))
     from harness.api import file_lock
 
     with file_lock(path.with_suffix(".lock")):
@@ -206,6 +207,34 @@ def toast_pretuned(request: ArtifactRequest) -> Path:
 
 
 toast_pretuned.version = PRETUNE_VERSION  # type: ignore[attr-defined]  # recorded in trial specs (harness.api)
+
+
+def made_elsewhere(cache_dir: Path, method: str, backbone: dict[str, Any], architecture: dict[str, Any],
+                   cfg: dict[str, Any]) -> str:
+    """A hint for a run that does not find its pre-tuned module: the modules of the same architecture and backbone
+    made under other pretune settings (their JSON sidecars), each with the ``--set`` flags that would find it
+    (a pre-tuning started with ``--set pretune.image_folder=...`` is found only by runs given the same setting)."""
+    hints = []
+    for sidecar in sorted((Path(cache_dir) / "artifacts").glob("toast-pretuned-*.json")):
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("architecture") != architecture or meta.get("backbone") != json.loads(
+                json.dumps(backbone, default=str)):
+            continue
+        theirs = meta.get("pretune") or {}
+        differ = {k: theirs.get(k) for k in sorted(set(theirs) | set(cfg))
+                  if k not in NOT_IN_KEY and theirs.get(k) != cfg.get(k)}
+        flags = " ".join(f"--set pretune.{k}={v if isinstance(v, str) else json.dumps(v)}"
+                         for k, v in differ.items())
+        hints.append(f"{sidecar.with_suffix('.pt')} (pre-tuned by {meta.get('method')}; "
+                     + (f"add `{flags}` to find it" if differ else "its inputs differ: image size or normalisation")
+                     + ")")
+    if not hints:
+        return ""
+    return (f". A pre-tuned module for {method}'s architecture on this backbone exists under other pretune settings: "
+            + "; ".join(hints[:3]) + (f"; and {len(hints) - 3} more" if len(hints) > 3 else ""))
 
 
 def make_pretuned(request: ArtifactRequest, cfg: dict[str, Any], method: str, lookup: Path) -> Path:

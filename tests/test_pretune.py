@@ -125,3 +125,19 @@ def test_methods_sharing_an_architecture_share_the_stage(make_suite, capsys, tmp
     assert out.count("pre-tuned toast's top-down module") == 1 and f"already pre-tuned: {made[0]}" in out
     meta = json.loads(Path(made[0]).with_suffix(".json").read_text())
     assert meta["method"] == "toast" and meta["inputs"]["image_size"] == 32
+
+
+def test_a_run_that_misses_its_pretuned_module_names_the_settings_that_find_it(make_suite, capsys):
+    """Pre-tuned with `--set pretune.seed=22` while the suite says 21: a run without the setting does not find it
+    and its error names the module and the `--set` that would; a run given the same setting finds it."""
+    fixed = {"protocol": {"kind": "fixed", "final": {"train": "train800val200", "eval": "test"}, "seeds": [42]},
+             "fixed": {"toast": {"*": {"lr": 0.1, "weight_decay": 0.0}}}, "grids": None}
+    suite = str(make_suite("elsewhere", methods=["toast"], tasks=["demo-digits"],
+                           pretune={**TINY_PRETUNE, "auto": False, "seed": 21}, **fixed))
+    code, out, err = _run(["pretune", "--suite", suite, "--set", "pretune.seed=22", "--no-progress"], capsys)
+    assert code == 0, err
+    made = next(line.split(" -> ")[1] for line in out.splitlines() if " -> " in line)
+    code, _, err = _run(["run", "--suite", suite, "--no-progress"], capsys)
+    assert code == 2 and f"{made} (pre-tuned by toast; add `--set pretune.seed=22` to find it)" in err, err
+    code, _, err = _run(["run", "--suite", suite, "--no-progress", "--set", "pretune.seed=22"], capsys)
+    assert code == 0, err
