@@ -424,14 +424,16 @@ def test_demo_end_to_end_pretunes_once_then_runs_the_protocol(make_suite, capsys
                        protocol={"seeds": [42]}, train={"epochs": 2})
     code, out, err = _run(["run", "--suite", str(suite), "--no-progress"], capsys)
     assert code == 0, err
-    made = sorted((session_cache / "artifacts").glob("toast-pretuned-*.pt"))
+    records = [json.loads(p.read_text()) for p in Path(suite.parent / "results").rglob("*.json")]
+    loaded = {r.get("checkpoint_settings", {}).get("sha256") for r in records}
+    # the session cache may hold other tests' modules: this run's is the one its trials loaded
+    made = [p for p in sorted((session_cache / "artifacts").glob("toast-pretuned-*.pt")) if file_fingerprint(p) in loaded]
     assert made, "the auto pre-tuning left no checkpoint in the cache"
     meta = json.loads(made[0].with_suffix(".json").read_text())
     assert meta["data"]["task"] == "demo-upstream" and meta["provenance"]["git"] is not None
     assert meta["settings"]["v_bias_twice"] is False
     state = read_checkpoint(made[0]).state
     assert "top_down_transform" in state and "decoders.1.linear2.weight" in state
-    records = [json.loads(p.read_text()) for p in Path(suite.parent / "results").rglob("*.json")]
     assert {r["spec"]["stage"] for r in records} == {"search", "final"}
     assert all(r["status"] == "ok" and r["spec"]["sections"]["pretune"]["task"] == "demo-upstream" for r in records)
     # every trial loaded the cached module and recorded the settings it brought
