@@ -26,8 +26,9 @@ def check(capsys, suite: str, root: Path | None, *extra: str) -> tuple[int, str,
 
 
 def refuse(capsys, suite: str, root: Path, tasks: str, *extra: str) -> tuple[int, str]:
+    """A real run (not --dry-run, which lists the same problems as warnings and exits 0)."""
     code = main(["run", "--suite", suite, "--tasks", tasks, "--methods", "linear", "--data-root", str(root),
-                 "--dry-run", *extra])
+                 "--results", str(root.parent / "results"), *extra])
     return code, capsys.readouterr().err
 
 
