@@ -9,7 +9,8 @@ import sys
 
 from harness.errors import HarnessError
 
-COMMANDS = ("run", "table", "status", "ls", "pretune", "attention", "data", "plot", "reference", "baseline", "regress",
+COMMANDS = ("run", "table", "status", "ls", "pretune", "attention", "data", "plot", "report", "reference", "baseline",
+            "regress",
             "nightly", "bench")
 
 DESCRIPTION = """\

@@ -23,7 +23,8 @@ PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
 DPI = 150
 
 
-def _figure(width: float, height: float, layout: str | None = None) -> Figure:
+def new_figure(width: float, height: float, layout: str | None = None) -> Figure:
+    """A figure on the Agg canvas (no pyplot state), at the size in inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -62,7 +63,7 @@ def task_bars(summary: dict[str, Any], methods: list[str] | None = None, tasks: 
     nrows = max(1, math.ceil(len(tasks) / ncols))
     panel_w = max(2.4, 0.3 * len(methods) + 0.9)
     width = max(panel_w * ncols, 5.0)
-    fig = _figure(width, 2.3 * nrows + 1.0, layout="constrained")
+    fig = new_figure(width, 2.3 * nrows + 1.0, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     partial = zoomed = False
     for index, ax in enumerate(axes.flat):
@@ -134,7 +135,7 @@ def tradeoff(summary: dict[str, Any], methods: list[str] | None = None, title: s
             left_out.append(method)
             continue
         points.append((params / 1e6, mean, method))
-    fig = _figure(6.4, 4.4)
+    fig = new_figure(6.4, 4.4)
     ax = fig.add_subplot()
     for x, y, method in points:
         ax.scatter([x], [y], s=46, color=colours[method], edgecolor="0.2", linewidth=0.6, zorder=3, label=method)
@@ -176,7 +177,7 @@ def history_figure(nights: list[dict], baseline: dict | None, title: str) -> Fig
     cell failed) is drawn as a grey x on the axis."""
     from matplotlib import dates as mdates
 
-    fig = _figure(7.0, 3.4)
+    fig = new_figure(7.0, 3.4)
     ax = fig.add_subplot()
     nights = sorted(nights, key=lambda n: _when(n["time"]))
     low = high = None
