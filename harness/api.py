@@ -11,7 +11,8 @@ Engine services for plug-ins (imported lazily on first use, so ``import harness.
 ``resolve_weights``, ``file_fingerprint``, ``file_lock``, ``atomic_write_json``, ``provenance``, ``cls_attention``,
 ``segmentation_model`` (the engine's ViT segmentation model, for a method that overrides
 :meth:`Method.build_segmentation`), ``data_identity`` (a data section without where the data lives: what an
-artifact's key may hold).
+artifact's key may hold), ``shard_loader`` (a loader as one rank's part of each global batch, for a stage run
+data-parallel: see :attr:`ArtifactRequest.world`).
 
 Task kinds: a :class:`Task` is a classification task (items ``(image, int label)``, one logit vector per image). A
 :class:`SegmentationTask` (``kind = "segmentation"``) has items ``(image, label map)`` and the metric mIoU; a method
@@ -62,6 +63,7 @@ _SERVICES = {
     "cls_attention": "harness.attention:cls_attention",
     "segmentation_model": "harness.segmentation:segmentation_model",
     "data_identity": "harness.inputs:data_identity",
+    "shard_loader": "harness.distributed:shard_loader",
 }
 
 
@@ -376,3 +378,7 @@ class ArtifactRequest:
     force: bool = False
     output: Path | None = None
     progress: bool = True
+    #: ``harness pretune --devices N``: this process's place among the N ranks making the artifact together
+    #: (:class:`harness.distributed.World`: ``rank``, ``size``, ``main``, ``barrier()``, ``broadcast_object()``,
+    #: ``describe()``; pass it to ``fit(world=...)`` and ``shard_loader``); None: one process. Only rank 0 writes.
+    world: Any = None

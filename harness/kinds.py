@@ -16,6 +16,7 @@ from torch import nn
 
 from harness import segmentation
 from harness.api import BuildContext, DataContext, Method, Task
+from harness.distributed import SINGLE, World
 from harness.errors import HarnessError
 from harness.loop import Objective, cross_entropy
 from harness.loop import evaluate as evaluate_classification
@@ -28,15 +29,15 @@ class TaskKind:
     build_model: Callable[[Method, Task, nn.Module, BuildContext], nn.Module]
     objective: Callable[[Task, dict[str, Any], DataContext], Objective]
     collate: Callable[[Task, bool], Callable | None]
-    evaluate: Callable[..., dict[str, Any]]  # (task, model, loader, device, ctx, amp)
+    evaluate: Callable[..., dict[str, Any]]  # (task, model, loader, device, ctx, amp, world)
 
 
 CLASSIFICATION = TaskKind(
     build_model=lambda method, task, backbone, ctx: method.build(backbone, task.num_classes, ctx),
     objective=lambda task, train, ctx: cross_entropy(float(train.get("label_smoothing", 0.0))),
     collate=lambda task, train: None,
-    evaluate=lambda task, model, loader, device, ctx, amp=True: {
-        "eval": evaluate_classification(model, loader, device, task.metric, task.num_classes, amp)},
+    evaluate=lambda task, model, loader, device, ctx, amp=True, world=SINGLE: {
+        "eval": evaluate_classification(model, loader, device, task.metric, task.num_classes, amp, world)},
 )
 
 SEGMENTATION = TaskKind(build_model=segmentation.build_segmentation, objective=segmentation.objective_for,
@@ -72,8 +73,16 @@ def collate(task: Task, train: bool) -> Callable | None:
     return own if own is not None else kind_of(task).collate(task, train)
 
 
+def own_evaluation(task: Task) -> bool:
+    """Whether ``task`` overrides the evaluation hook (the engine then cannot split it over ranks)."""
+    return type(task).evaluate is not Task.evaluate
+
+
 def evaluate(task: Task, model: nn.Module, loader: Any, device: str, ctx: DataContext,
-             amp: bool = True) -> dict[str, Any]:
-    """``{"eval": value, ...details}`` over a whole split: the task's own evaluation, else its kind's."""
+             amp: bool = True, world: World = SINGLE) -> dict[str, Any]:
+    """``{"eval": value, ...details}`` over a whole split: the task's own evaluation, else its kind's. With several
+    ranks (``world``) ``loader`` is this rank's part of the split and the kind's evaluation combines the parts; a
+    task's own evaluation is not split: the caller gives rank 0 the whole split and shares its numbers
+    (:func:`own_evaluation`)."""
     own = task.evaluate(model, loader, device, ctx, amp)
-    return own if own is not None else kind_of(task).evaluate(task, model, loader, device, ctx, amp)
+    return own if own is not None else kind_of(task).evaluate(task, model, loader, device, ctx, amp, world)

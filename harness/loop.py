@@ -13,7 +13,11 @@ What differs between those is passed in:
 * ``max_steps``: an iteration budget (segmentation's ``train.iters``): training stops after that many optimiser
   steps, in the middle of a pass over the data if need be; ``epochs`` is then the number of passes it takes;
 * ``checkpoint``: where the resumable state goes (trainable weights, optimiser, schedule, RNG, history);
-  the run resumes from it when it exists and it is removed when the run ends.
+  the run resumes from it when it exists and it is removed when the run ends;
+* ``world``: the data-parallel group (:mod:`harness.distributed`; default one process). With N ranks the loader is
+  this rank's part of each global batch (:func:`harness.distributed.shard_loader`), gradients are averaged over
+  the global batch before every step, the epoch's numbers are summed over ranks, and rank 0 alone writes the
+  checkpoint (every rank reads it back).
 
 A non-finite loss stops the run with ``status="diverged"``; the caller decides what that means (a trial records it,
 pre-tuning refuses to write a checkpoint).
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.distributed import SINGLE, World
 from harness.metrics import METRICS
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
@@ -139,33 +144,56 @@ def to_device(batch: Any, device: str) -> Any:
     return batch.to(device, non_blocking=True)
 
 
-def evaluate(model: nn.Module, loader: Any, device: str, metric: str, num_classes: int, amp: bool = True) -> float:
-    """A classification metric (:data:`harness.metrics.METRICS`) of the arg-max predictions over a whole split."""
+def evaluate(model: nn.Module, loader: Any, device: str, metric: str, num_classes: int, amp: bool = True,
+             world: World = SINGLE) -> float:
+    """A classification metric (:data:`harness.metrics.METRICS`) of the arg-max predictions over a whole split.
+    With several ranks each scores its part of the split (``loader``) and the predictions of all ranks are
+    gathered before the metric is computed once, over every image exactly once."""
     model.eval()
-    preds, labels = [], []
+    preds, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     with torch.inference_mode():
         for images, targets in loader:
             with autocast_for(device, amp):
                 logits = model(to_device(images, device))
             preds.append(logits.float().argmax(dim=1).cpu())
-            labels.append(targets)
-    return METRICS[metric](torch.cat(preds), torch.cat(labels), num_classes)
+            labels.append(torch.as_tensor(targets).long())
+    pairs = world.gather_objects((torch.cat(preds), torch.cat(labels)))
+    return METRICS[metric](torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]), num_classes)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, images: torch.Tensor,
-               labels: torch.Tensor, device: str = "cpu", amp: bool = True
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, images: Any,
+               labels: Any, device: str = "cpu", amp: bool = True, world: World = SINGLE
                ) -> tuple[torch.Tensor, dict[str, float], bool]:
     """One optimiser step (inputs already on ``device``): the objective under autocast, backward, step. Returns
     the loss, the objective's logs and whether the loss was finite; a non-finite loss takes no step. :func:`fit`
-    and ``harness bench`` (:mod:`harness.bench`) step through this one function."""
-    with autocast_for(device, amp):
-        loss, logs = objective(model, images, labels)
-    if not torch.isfinite(loss):
-        return loss, logs, False
+    and ``harness bench`` (:mod:`harness.bench`) step through this one function.
+
+    With several ranks (``world``) the images are this rank's slice of the global batch (None: an empty slice);
+    the gradients are averaged over the global batch (:meth:`harness.distributed.World.average_gradients`) and
+    no rank steps when any rank's loss is not finite."""
+    if not world.distributed:
+        with autocast_for(device, amp):
+            loss, logs = objective(model, images, labels)
+        if not torch.isfinite(loss):
+            return loss, logs, False
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logs, True
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss, logs, True
+    n = 0 if labels is None else int(labels.shape[0])
+    loss, logs, finite = torch.zeros(()), {}, True
+    if n:
+        with autocast_for(device, amp):
+            loss, logs = objective(model, images, labels)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            (loss * n).backward()  # weighted by images: the all-reduce divides by the global count
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    finite, _ = world.average_gradients(params, n, finite)
+    if finite:
+        optimizer.step()
+    return loss, logs, finite
 
 
 @dataclass
@@ -184,27 +212,45 @@ class EpochTotals:
         n = max(1, self.seen)
         return {"train_loss": self.loss / n, **{k: v / n for k, v in self.logs.items()}}
 
+    def summed(self, world: World) -> "EpochTotals":
+        """The totals of every rank (images, loss and logs summed); itself for one process."""
+        if not world.distributed:
+            return self
+        parts = world.gather_objects((self.seen, self.loss, self.logs, self.diverged))
+        out = EpochTotals(steps=self.steps, diverged=any(p[3] for p in parts))
+        for seen, loss, logs, _ in parts:
+            out.seen += seen
+            out.loss += loss
+            for key, value in logs.items():
+                out.logs[key] = out.logs.get(key, 0.0) + value
+        return out
+
 
 def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, objective: Objective, scheduler: Any,
                 memory: Any, *, device: str, amp: bool, per_step: bool, steps: int,
-                max_steps: int | None) -> EpochTotals:
+                max_steps: int | None, world: World = SINGLE) -> EpochTotals:
     """One epoch of :func:`fit`: a :func:`train_step` per batch (the schedule stepped per step when ``per_step``),
-    until the data ends, ``max_steps`` optimiser steps were taken in all, or the loss is not finite."""
+    until the data ends, ``max_steps`` optimiser steps were taken in all, or the loss is not finite. With several
+    ranks the totals are this rank's (:meth:`EpochTotals.summed` adds them up)."""
     train_mode(model)
     totals = EpochTotals(steps=steps)
-    for images, labels in loader:
+    for batch in loader:
         if max_steps is not None and totals.steps >= max_steps:
             break
-        images = to_device(images, device)
-        labels = labels.to(device, non_blocking=True)
+        images, labels = (None, None) if batch is None else batch  # None: this rank's slice is empty
+        if labels is not None:
+            images = to_device(images, device)
+            labels = labels.to(device, non_blocking=True)
         with memory.step(model, optimizer):
-            loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp)
+            loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp, world)
         if not finite:
             totals.diverged = True
             break
         totals.steps += 1
         if per_step:
             scheduler.step()
+        if labels is None:
+            continue
         n = labels.shape[0]
         totals.loss += loss.item() * n
         totals.seen += n
@@ -231,6 +277,7 @@ def fit(
     progress: str | None = None,
     max_steps: int | None = None,
     evaluate_every: int = 1,
+    world: World = SINGLE,
 ) -> FitResult:
     """Train ``model`` (already on ``device``) for ``epochs`` over ``loader``; see the module docstring."""
     from harness.cost import PeakMemory
@@ -239,9 +286,11 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     result = FitResult(status="ok")
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        start, result.history = _load_checkpoint(checkpoint, model, optimizer, scheduler, generator)
+    world.broadcast_module(model)
+    if checkpoint is not None and world.broadcast_object(checkpoint.exists()):
+        start, result.history = _load_checkpoint(checkpoint, model, optimizer, scheduler, generator, world)
         result.resumed_from = start
+    progress = progress if world.main else None
     steps = int(result.history[-1].get("steps", 0)) if result.history else 0
     epoch_iter: Any = range(start, epochs)
     bar = None
@@ -257,7 +306,8 @@ def fit(
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
                 totals = train_epoch(model, loader, optimizer, objective, scheduler, memory, device=device, amp=amp,
-                                     per_step=per_step, steps=steps, max_steps=max_steps)
+                                     per_step=per_step, steps=steps, max_steps=max_steps,
+                                     world=world).summed(world)
                 steps = totals.steps
                 result.train_seconds += time.perf_counter() - t0
                 result.train_images += totals.seen
@@ -281,37 +331,48 @@ def fit(
                 if last:
                     break
                 if checkpoint is not None and (epoch + 1) % checkpoint_every == 0:
-                    _save_checkpoint(checkpoint, epoch + 1, result.history, model, optimizer, scheduler, generator)
+                    _save_checkpoint(checkpoint, epoch + 1, result.history, model, optimizer, scheduler, generator,
+                                     world)
         result.memory = memory.result()
     finally:
         if bar is not None:
             bar.close()
-    if checkpoint is not None and checkpoint.exists():
+    if checkpoint is not None and world.main and checkpoint.exists():
         checkpoint.unlink()
     return result
 
 
 def _save_checkpoint(path: Path, epoch: int, history: list, model: nn.Module, optimizer, scheduler,
-                     generator: torch.Generator | None) -> None:
-    """Only tensors and plain types, so the file loads with ``weights_only=True``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {"epoch": epoch, "history": history, "model": trainable_state(model),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state()}
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+                     generator: torch.Generator | None, world: World = SINGLE) -> None:
+    """Only tensors and plain types, so the file loads with ``weights_only=True``. With several ranks rank 0
+    writes it (the weights and optimiser are the same on every rank), with every rank's RNG state, and the others
+    wait until it is there."""
+    rngs = world.gather_objects(torch.get_rng_state())
+    if world.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        state = {"epoch": epoch, "history": history, "model": trainable_state(model),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "torch_rng": rngs[0]}
+        if world.distributed:
+            state["torch_rng_ranks"] = rngs
+        if generator is not None:
+            state["generator"] = generator.get_state()
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    world.barrier()
 
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
-                     generator: torch.Generator | None) -> tuple[int, list]:
+                     generator: torch.Generator | None, world: World = SINGLE) -> tuple[int, list]:
+    """Every rank reads the same file; each takes its own RNG state when the file has one per rank of this many
+    ranks (else rank 0's)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    rngs = state.get("torch_rng_ranks")
+    torch.set_rng_state(rngs[world.rank] if rngs and len(rngs) == world.size else state["torch_rng"])
     return int(state["epoch"]), list(state["history"])

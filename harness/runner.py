@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.distributed import SINGLE, GroupBroken, World
 from harness.plan import Cell, CellState, TrialSpec, cell_state
 from harness.store import Store
 from harness.sweep import Suite
@@ -37,9 +38,13 @@ class CellOutcome:
         return "" if self.state is None or self.complete else self.state.blocked
 
 
-def run_cell(suite: Suite, cell: Cell, store: Store, run: TrialRunner) -> CellOutcome:
+def run_cell(suite: Suite, cell: Cell, store: Store, run: TrialRunner, world: World = SINGLE) -> CellOutcome:
     """Run what is missing of one cell's protocol, in order: the search, then (once every search trial has
-    finished) the winner's finals. A trial that fails is recorded as failed and not retried within this run."""
+    finished) the winner's finals. A trial that fails is recorded as failed and not retried within this run.
+
+    Data-parallel (``world``): every rank runs the same trials; rank 0 writes each record and the others wait for
+    it before they read the store again. A failed data-parallel trial ends the run (:class:`GroupBroken`) once
+    its record is written: its process group is gone, and a rerun resumes it from its epoch checkpoint."""
     outcome = CellOutcome(cell)
     attempted: set[str] = set()
     while True:
@@ -50,7 +55,12 @@ def run_cell(suite: Suite, cell: Cell, store: Store, run: TrialRunner) -> CellOu
         for spec in todo:
             attempted.add(spec.id)
             record = run(spec)
-            store.write(record)
+            if world.main:
+                store.write(record)
+            if (record.get("distributed") or {}).get("broken"):
+                raise GroupBroken(f"{spec.label()} failed on {world.size} processes: {record['error']['message']}"
+                                  " (recorded; rerun the same command to resume from its last epoch checkpoint)")
+            world.barrier()
             outcome.ran += 1
             outcome.records.append(record)
             if record["status"] == "failed":

@@ -34,6 +34,7 @@ from harness.metrics import confusion_matrix, iou_per_class, mean_iou
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.api import BuildContext, DataContext, Method, SegmentationTask
+    from harness.distributed import World
 
 #: a features function: (images, block indices) -> those blocks' token sequences (B x N x C, prefix tokens included)
 Features = Callable[[torch.Tensor, "list[int]"], "list[torch.Tensor]"]
@@ -234,9 +235,11 @@ def slide_logits(model: nn.Module, image: torch.Tensor, crop: tuple[int, int], s
 
 
 def evaluate_segmentation(model: nn.Module, loader, device: str, task: "SegmentationTask",
-                          options: dict[str, Any], amp: bool = True) -> dict[str, Any]:
+                          options: dict[str, Any], amp: bool = True, world: "World | None" = None
+                          ) -> dict[str, Any]:
     """mIoU over a split: each image's logits (whole image, or sliding windows) are resized to its label map
-    (bilinear), arg-maxed, and counted into one confusion matrix for the split."""
+    (bilinear), arg-maxed, and counted into one confusion matrix for the split. With several ranks (``world``)
+    each counts its part of the split and the confusion matrices are summed before the mIoU."""
     from harness.loop import autocast_for
 
     model.eval()
@@ -254,6 +257,8 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
                 logits = F.interpolate(logits.float(), size=tuple(label.shape[-2:]), mode="bilinear",
                                        align_corners=False)
                 confusion += confusion_matrix(logits.argmax(1).cpu(), label, C, task.ignore_index)
+    if world is not None:
+        confusion = world.all_reduce_sum(confusion)
     per_class = iou_per_class(confusion)
     names = list(task.class_names) or [str(i) for i in range(C)]
     value = mean_iou(confusion)
@@ -262,6 +267,6 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
 
 
 def evaluate_for(task: "SegmentationTask", model: nn.Module, loader, device: str, ctx: "DataContext",
-                 amp: bool = True) -> dict[str, Any]:
+                 amp: bool = True, world: "World | None" = None) -> dict[str, Any]:
     """The segmentation kind's evaluation of a task: :func:`evaluate_segmentation` with the task's options."""
-    return evaluate_segmentation(model, loader, device, task, task.options(ctx), amp)
+    return evaluate_segmentation(model, loader, device, task, task.options(ctx), amp, world)

@@ -36,6 +36,7 @@ from harness import kinds
 from harness.api import METHODS, TASKS, BuildContext, DataContext, Method, Task
 from harness.backbone import build_backbone, file_fingerprint, resolve_weights
 from harness.cost import forward_flops, parameter_counts
+from harness.distributed import SINGLE, World, shard_loader, sync_batchnorm
 from harness.errors import HarnessError
 from harness.features import CacheRefused, frozen_loaders, module_fingerprint, refusal, storage_dtype
 from harness.inputs import artifact_resolver, data_context
@@ -64,6 +65,8 @@ class TrialEnv:
     results_root: Path | None = None
     #: the frozen-computation cache (:mod:`harness.features`) where a method and task allow it (``--no-cache``)
     feature_cache: bool = True
+    #: this process's place in a data-parallel trial (:mod:`harness.distributed`); one process by default
+    world: World = field(default_factory=lambda: SINGLE)
 
     @classmethod
     def for_suite(cls, suite: Suite, cache_dir: Path, **options: Any) -> "TrialEnv":
@@ -178,11 +181,14 @@ def loader_options(requested: int, device: str) -> dict[str, Any]:
 
 def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     """Train and evaluate one trial; return its record. Bad user input raises HarnessError; a non-finite loss
-    gives a ``diverged`` record; any other exception gives a ``failed`` record with its traceback."""
+    gives a ``diverged`` record; any other exception gives a ``failed`` record with its traceback. In a
+    data-parallel trial every rank returns the record (rank 0's is written); a failed one names the rank that
+    failed and why, and is marked ``distributed.broken``: the group is gone and the command stops."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     trial_in_process = next_trial_in_process()
     record: dict[str, Any] = {"id": spec.id, "spec": spec.to_dict(), "started_at": started.isoformat()}
+    world = env.world
     try:
         record.update(_train(spec, env))
     except (HarnessError, KeyboardInterrupt):
@@ -190,6 +196,11 @@ def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - recorded, not swallowed: status failed + traceback
         record.update(status="failed", metrics={"eval": None}, curve=[], params={},
                       error={"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()})
+        if world.distributed:
+            world.note_failure(err)
+            found = world.failure(err) if world.main else {"failed_rank": world.rank, "why": str(err)}
+            record["error"].update(rank=found["failed_rank"], message=found["why"])
+            record["distributed"] = {**world.describe_local(), **found, "broken": True}
     record["wall_time_s"] = round(time.perf_counter() - t0, 3)
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
     record["provenance"] = provenance(env.device, trial_in_process)
@@ -198,7 +209,8 @@ def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
 
 def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     method, task = METHODS.get(spec.method), TASKS.get(spec.task)
-    device = env.device
+    device, world = env.device, env.world
+    progress = env.progress and world.main
     train_cfg, hp = spec.train, spec.hparams
     batch_size = int(train_cfg["batch_size"])
     iters = iteration_budget(train_cfg, task.name)
@@ -212,18 +224,27 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
     epochs, lr_factor, per_step = _schedule(train_cfg, method, iters, len(train_loader))
 
-    model = build_model(spec, env).to(device)
+    model = sync_batchnorm(build_model(spec, env), world).to(device)
+    if world.rank > 0:  # dropout and augmentation draw differently per rank (rank 0 draws as one process does)
+        seed_everything(spec.seed + 1_000_003 * world.rank)
     params = parameter_counts(model)
     flops = forward_flops(model, task.input_size(dctx), device)
     optimizer = make_optimizer(method, model, lr, hp, train_cfg)
     fit_model, loaders, feature_cache = _on_frozen(spec, env, method, task, model, dctx, data_fingerprint,
                                                    {"train": train_loader, "eval": eval_loader}, amp)
-    train_loader, eval_loader = loaders["train"], loaders["eval"]
+    own_eval = world.distributed and kinds.own_evaluation(task)  # not split: rank 0 scores the whole split
+    whole_eval = loaders["eval"]
+    train_loader = shard_loader(loaders["train"], world, train=True)
+    eval_loader = whole_eval if own_eval else shard_loader(loaders["eval"], world, train=False)
     checkpoint = env.checkpoint_dir / f"{spec.id}.ckpt.pt" if env.checkpoint_dir else None
     details: dict[str, Any] = {}  # what the last evaluation kept besides the number (per-class IoU)
 
     def eval_metric(trained: nn.Module) -> dict[str, float]:
-        found = kinds.evaluate(task, trained, eval_loader, device, dctx, amp)
+        if own_eval:
+            found = world.broadcast_object(kinds.evaluate(task, trained, whole_eval, device, dctx, amp)
+                                           if world.main else None)
+        else:
+            found = kinds.evaluate(task, trained, eval_loader, device, dctx, amp, world)
         details.clear()
         details.update({k: v for k, v in found.items() if k != "eval"})
         return {"eval": found["eval"]}
@@ -231,9 +252,9 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     result = fit(fit_model, train_loader, optimizer, epochs=epochs, objective=kinds.objective(task, train_cfg, dctx),
                  lr_factor=lr_factor, per_step=per_step, evaluate=eval_metric, device=device,
                  amp=amp, generator=generator, checkpoint=checkpoint, checkpoint_every=env.checkpoint_every,
-                 progress=f"{spec.method}/{spec.task} {spec.stage}" if env.progress else None,
+                 progress=f"{spec.method}/{spec.task} {spec.stage}" if progress else None,
                  max_steps=iters,
-                 evaluate_every=epochs if iters is not None else int(train_cfg.get("eval_every", 1)))
+                 evaluate_every=epochs if iters is not None else int(train_cfg.get("eval_every", 1)), world=world)
     curve = result.history
     status = result.status
     out: dict[str, Any] = {
@@ -250,13 +271,14 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
         "data_fingerprint": data_fingerprint,
         "weights_fingerprint": _weights_fingerprint(spec, env),
         "feature_cache": feature_cache,
+        "distributed": world.describe(batch_size),
     }
     settings = getattr(model, "checkpoint_settings", None)
     if settings:  # settings a loaded checkpoint brought with it (e.g. TOAST's v_bias_twice)
         out["checkpoint_settings"] = dict(settings)
     if result.resumed_from:
         out["resumed_from_epoch"] = result.resumed_from
-    if env.keep_weights and status == "ok":
+    if env.keep_weights and status == "ok" and world.main:
         out["weights_file"] = str(_save_trained_weights(spec, env, model))
     return out
 

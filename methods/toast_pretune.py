@@ -239,16 +239,28 @@ def made_elsewhere(cache_dir: Path, method: str, backbone: dict[str, Any], archi
 
 def make_pretuned(request: ArtifactRequest, cfg: dict[str, Any], method: str, lookup: Path) -> Path:
     """``harness pretune``: pre-tune now into ``request.output`` (default ``lookup``, where trials look), unless the
-    file exists and ``request.force`` is off; print what was made and how trials find it."""
+    file exists and ``request.force`` is off; print what was made and how trials find it. Data-parallel
+    (``request.world``): every rank trains, rank 0 holds the lock, decides and writes."""
+    import contextlib
+
     from harness.api import file_lock
 
+    world = request.world
+    main = world is None or world.main
     output = Path(request.output) if request.output else lookup
-    with file_lock(output.with_suffix(".lock")):  # a parallel job making the same file: wait for it, then reuse
-        if output.exists() and not request.force:
-            print(f"already pre-tuned: {output} (--force to redo)")
+    # a parallel job making the same file: wait for it, then reuse (one lock per group of ranks: rank 0's)
+    with file_lock(output.with_suffix(".lock")) if main else contextlib.nullcontext():
+        done = output.exists() and not request.force
+        if world is not None:
+            done = world.broadcast_object(done)
+        if done:
+            if main:
+                print(f"already pre-tuned: {output} (--force to redo)")
             return output
         meta = run_pretune(request.backbone, cfg, method, output, data=_data_of(request), resolve=_resolver(request),
-                           progress=request.progress)
+                           progress=request.progress, world=world)
+    if not main:
+        return output
     print(summary(meta))
     print(f"wrote {output} (+ {output.with_suffix('.json').name})")
     if output != lookup:
@@ -364,12 +376,13 @@ def pretune_optimizer(model: TopDownViT, cfg: dict[str, Any], method: Method) ->
 
 def pretune_model(model: TopDownViT, loader, cfg: dict[str, Any], device: str = "cpu", progress: bool = True,
                   desc: str = "pre-tuning TOAST", checkpoint: Path | None = None,
-                  generator: torch.Generator | None = None, method: Method | None = None) -> "FitResult":
+                  generator: torch.Generator | None = None, method: Method | None = None,
+                  world: Any = None) -> "FitResult":
     """Train the top-down module of ``model`` (a TopDownViT with an upstream head, on ``device``) in place through
     ``harness.api.fit``; the result's history has one entry per epoch (means of ce, var, acc, acc_first). With
     ``checkpoint``, an interrupted run resumes from its last finished epoch (pass the loader's ``generator`` so the
     shuffling resumes too). ``method`` (default ``toast``) gives the decay rule. A non-finite loss is a
-    HarnessError."""
+    HarnessError. ``world``: the data-parallel ranks (``loader`` is then this rank's part of each global batch)."""
     from harness.api import fit
 
     lr = float(cfg["lr"])
@@ -384,7 +397,7 @@ def pretune_model(model: TopDownViT, loader, cfg: dict[str, Any], device: str = 
                  objective=pretune_objective(float(cfg["var_loss_weight"]), bool(cfg["first_pass_ce"])),
                  lr_factor=lambda step: lr_at(step, total, warmup, cooldown, lr, min_lr) / lr, per_step=True,
                  device=device, amp=bool(cfg.get("amp", True)), generator=generator, checkpoint=checkpoint,
-                 progress=desc if progress else None)
+                 progress=desc if progress else None, **({"world": world} if world is not None else {}))
     if result.status != "ok":
         epoch = result.history[-1]["epoch"] if result.history else 1
         raise HarnessError(f"pre-tuning diverged in epoch {epoch} (non-finite loss; learning rate "
@@ -400,20 +413,24 @@ def epoch_summary(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str, output: Path, *,
                 data: DataContext, resolve: Callable[[str], Path] | None = None, device: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, world: Any = None) -> dict[str, Any]:
     """Pre-tune the top-down module of ``method``'s architecture on the suite's backbone and write ``output``
     (a torch file ``{"model": official-key state, "harness": metadata}``) plus a JSON sidecar; returns the metadata.
 
     The inputs are ``data`` (the trials' DataContext). While it runs, ``<output>.ckpt.pt`` holds the resumable state
     (with ``<output>.ckpt.json`` naming the settings it belongs to): running again with the same settings resumes
-    from it; a leftover of other settings is discarded."""
-    from harness.api import build_backbone, pick_device, seed_everything
+    from it; a leftover of other settings is discarded.
 
-    device = device or pick_device()
+    Data-parallel (``world``, from ``harness pretune --devices N``): each rank trains on its part of every global
+    batch of ``batch_size`` (the one-process batches), and rank 0 alone writes the checkpoints and the result."""
+    from harness.api import build_backbone, pick_device, seed_everything, shard_loader
+
+    main = world is None or world.main
+    device = device or (world.device if world is not None else pick_device())
     toast = toast_method(method)
     output = Path(output)
     key = cache_key(backbone_spec, cfg, pretune_architecture(toast), data)
-    checkpoint, checkpoint_key = _resume_files(output, key)
+    checkpoint, checkpoint_key = _resume_files(output, key, discard=main)
     output.parent.mkdir(parents=True, exist_ok=True)
 
     seed_everything(int(cfg["seed"]))
@@ -429,28 +446,37 @@ def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str,
     generator = torch.Generator().manual_seed(int(cfg["seed"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), shuffle=True, drop_last=False,
                                          num_workers=int(cfg["num_workers"]), generator=generator)
+    if world is not None:
+        loader = shard_loader(loader, world)
     t0 = time.perf_counter()
-    checkpoint_key.write_text(json.dumps({"key": key, "output": str(output)}))
+    if main:
+        checkpoint_key.write_text(json.dumps({"key": key, "output": str(output)}))
     try:
         result = pretune_model(model, loader, cfg, device, desc=f"pre-tuning TOAST ({method}, once)",
-                               progress=progress, checkpoint=checkpoint, generator=generator, method=toast)
+                               progress=progress and main, checkpoint=checkpoint, generator=generator,
+                               method=toast, world=world)
     finally:
-        if not checkpoint.exists():  # finished, diverged, or stopped before its first checkpoint: nothing to resume
+        if main and not checkpoint.exists():  # finished, diverged, or stopped before its first checkpoint
             checkpoint_key.unlink(missing_ok=True)
     source = {"task": cfg["task"], "split": cfg["split"], "image_folder": cfg["image_folder"],
               "images": len(dataset), "classes": num_classes, "fingerprint": fingerprint}
     meta = pretune_metadata(method, toast, key, backbone_spec, cfg, data, source, resolve, device, result,
                             time.perf_counter() - t0)
-    _write_pretuned(output, model, meta)
+    if world is not None:
+        meta["distributed"] = world.describe(int(cfg["batch_size"]))
+    if main:
+        _write_pretuned(output, model, meta)
+    if world is not None:
+        world.barrier()  # the file is there before any rank goes on
     return meta
 
 
-def _resume_files(output: Path, key: str) -> tuple[Path, Path]:
+def _resume_files(output: Path, key: str, discard: bool = True) -> tuple[Path, Path]:
     """(resumable state, its settings file) of a pre-tuning into ``output``; a leftover state of other settings
-    (another ``key``) is discarded."""
+    (another ``key``) is discarded (by one rank only: ``discard``)."""
     checkpoint = resume_path(output)
     checkpoint_key = checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".json")
-    if checkpoint.exists():
+    if discard and checkpoint.exists():
         made_for = json.loads(checkpoint_key.read_text()).get("key") if checkpoint_key.is_file() else None
         if made_for != key:
             print(f"discarding {checkpoint}: it is the state of a pre-tuning with other settings")

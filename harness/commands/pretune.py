@@ -23,6 +23,7 @@ examples:
   harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train
   harness pretune --suite fgvc --method NAME            # one method's stage (NAME: harness ls methods)
   harness pretune --suite demo --method NAME --output stage.pt --set pretune.epochs=1
+  harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train --devices 8   # 8 GPUs
 """
 
 
@@ -42,6 +43,12 @@ def add_parser(sub) -> None:
                         help="override a suite key, dotted (e.g. pretune.epochs=1); repeatable")
     parser.add_argument("--data-root", help="where the suite's datasets live")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="pre-tune data-parallel on N processes on this machine (one per GPU; gloo CPU "
+                             "processes without GPUs); the stage's batch size stays the global batch")
+    parser.add_argument("--nodes", type=int, default=1, metavar="M",
+                        help="nodes: only inside a SLURM job whose tasks each run this command (srun), where every "
+                             "task reads its rank from SLURM")
     parser.set_defaults(func=main)
 
 
@@ -71,6 +78,12 @@ def main(args: argparse.Namespace) -> int:
     if args.force and len(names) > 1:
         raise HarnessError(f"--force with several methods ({', '.join(names)}) would redo a stage they share once "
                            "per method; pick one with --method")
+    from harness.launch import start_or_launch
+    from harness.loop import pick_device
+
+    world = start_or_launch(getattr(args, "argv", []), args.devices, args.nodes, pick_device(), {})
+    if isinstance(world, int):  # the ranks ran the stage
+        return world
     cache = cache_dir()
     data = suite_data_context(suite, cache)
     for name in names:
@@ -79,8 +92,10 @@ def main(args: argparse.Namespace) -> int:
             suite=suite.name, backbone=suite.backbone, cache_dir=cache, method=name,
             sections={section: suite.raw.get(section) for section in method.suite_sections}, data=data,
             overrides=suite.overrides, data_root=suite.data_root,
-            make=True, force=args.force, output=args.output, progress=not args.no_progress)
+            make=True, force=args.force, output=args.output, progress=not args.no_progress and world.main,
+            world=world if world.distributed else None)
         for need in method.needs:
             path = resolve(need)
-            print(f"{name}: {need} -> {path}")
+            if world.main:
+                print(f"{name}: {need} -> {path}")
     return 0

@@ -10,6 +10,7 @@ With ``--executor slurm`` the jobs are submitted and the status is 0 once they a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from harness.api import METHODS, TASKS
@@ -30,6 +31,8 @@ examples:
   harness run --suite fgvc --methods toast,lora --executor slurm --partition gpu --gpus 1 --time 600
   harness run --suite vtab --executor slurm --sbatch constraint=a100 --setup 'module load cuda'
   harness run --suite nightly --run-id auto          # a run of its own (<results>/_runs/<UTC time>/): trains again
+  harness run --suite demo --methods finetune --tasks demo-digits --devices 2   # each trial on 2 processes
+  harness run --suite vtab --executor slurm --gpus 1 --devices 4 --nodes 2      # each trial on 8 GPUs
 """
 
 
@@ -53,7 +56,38 @@ def add_parser(sub) -> None:
                              "first pass on every batch")
     parser.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     add_cluster_args(parser)
+    add_parallel_args(parser)
     parser.set_defaults(func=main)
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """``--devices`` / ``--nodes``: data-parallel trials (harness/distributed.py); shared with ``harness
+    pretune``."""
+    group = parser.add_argument_group("data-parallel trials (docs/protocol.md §5.6; default: the suite's "
+                                      "executor.devices / executor.nodes, else 1)")
+    group.add_argument("--devices", type=int, metavar="N",
+                       help="processes per trial on each node, one per GPU (gloo CPU processes without GPUs); "
+                            "the suite's batch size stays the global batch")
+    group.add_argument("--nodes", type=int, metavar="M", help="nodes per trial (--executor slurm only)")
+
+
+def pinned_run_id(argv: list[str], run_id: str | None) -> list[str]:
+    """``argv`` with ``--run-id auto`` replaced by the id it became, so every rank opens the same run."""
+    out = list(argv)
+    for i, item in enumerate(out):
+        if run_id and item == "--run-id" and i + 1 < len(out):
+            out[i + 1] = run_id
+        elif run_id and item.startswith("--run-id="):
+            out[i] = f"--run-id={run_id}"
+    return out
+
+
+def parallel_request(args: argparse.Namespace, suite) -> tuple[int, int]:
+    """(processes per node, nodes) of each trial: the flags, else the suite's ``executor:`` section, else 1."""
+    section = dict(suite.raw.get("executor") or {})
+    devices = args.devices if getattr(args, "devices", None) is not None else section.get("devices") or 1
+    nodes = args.nodes if getattr(args, "nodes", None) is not None else section.get("nodes") or 1
+    return int(devices), int(nodes)
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -143,10 +177,31 @@ def main(args: argparse.Namespace) -> int:
     env = TrialEnv.for_suite(suite, cache_dir(), progress=not args.no_progress, keep_weights=args.keep_weights,
                              results_root=store.root, feature_cache=not getattr(args, "no_cache", False))
     cells = plan_cells(method_names, task_names)
+    devices, nodes = parallel_request(args, suite)
     if args.dry_run:
         warnings = dry_run_problems(suite, cells, env)
     else:
         preflight(suite, cells, env)
+        if args.executor == "slurm":
+            from harness.launch import preflight as parallel_preflight
+
+            if devices * nodes > 1:
+                parallel_preflight(devices, nodes, "cuda" if getattr(args, "gpus", None) else env.device,
+                                   {"train.batch_size": int(suite.train["batch_size"])}, slurm=True)
+        elif devices * nodes > 1 or os.environ.get("WORLD_SIZE"):
+            if args.executor != "inline":
+                raise HarnessError(f"--devices/--nodes: data-parallel trials run with --executor inline (this "
+                                   f"machine) or slurm, not {args.executor}")
+            from harness.executors.ledger import jobs_dir
+            from harness.launch import start_or_launch
+
+            got = start_or_launch(pinned_run_id(args.argv, args.run_id), devices, nodes, env.device,
+                                  {"train.batch_size": int(suite.train["batch_size"])})
+            if isinstance(got, int):  # this process launched the ranks, which have done the work
+                return got
+            env.world, env.device, env.checkpoint_dir = got, got.device, jobs_dir(store, suite) / "checkpoints"
+            if not got.main:
+                env.progress = False
     rows, pending = plan_summary(suite, cells, store)
     for problem in store.problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -174,7 +229,8 @@ def main(args: argparse.Namespace) -> int:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
         return 0
-    start_run_from_args(args, suite)
+    if env.world.main:
+        start_run_from_args(args, suite)
     executor = EXECUTORS[args.executor]
     ran = pending > 0
     if not ran:

@@ -23,7 +23,8 @@ def run_inline(suite: Suite, cells: list[Cell], store: Store, env: TrialEnv, arg
     """Run what is missing of every cell here and now. Returns 0 when every cell is complete, else 1."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_pending, desc="trials", unit="trial", disable=not env.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_pending, desc="trials", unit="trial", disable=not (env.progress and env.world.main),
+               dynamic_ncols=True)
     messages: list[str] = []
     outcomes: list[CellOutcome] = []
 
@@ -39,7 +40,7 @@ def run_inline(suite: Suite, cells: list[Cell], store: Store, env: TrialEnv, arg
 
     try:
         for cell in cells:
-            outcome = run_cell(suite, cell, store, run)
+            outcome = run_cell(suite, cell, store, run, env.world)
             outcomes.append(outcome)
             if outcome.state is not None and (line := unfinished(outcome.state)):
                 messages.append(line)
