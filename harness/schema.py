@@ -267,6 +267,9 @@ EXECUTOR: dict[str, Key] = {
                             positive=True),
     "code_check": Key(str, "a job finding other code than was submitted: refuse to run, or warn", nullable=True,
                       choices=CODE_CHECKS),
+    "devices": Key(int, "processes per trial on each node, one per GPU (data-parallel trials; default 1; "
+                        "--devices)", nullable=True, positive=True),
+    "nodes": Key(int, "nodes per trial under SLURM (default 1; --nodes)", nullable=True, positive=True),
 }
 #: keys of a suite's ``slurm:`` section, with their types
 SLURM_KEYS: dict[str, Kind] = {name: key.kind for name, key in SLURM.items()}

@@ -183,10 +183,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         preflight(suite, cells, env)
         if args.executor == "slurm":
+            from harness.executors.settings import settings_from
             from harness.launch import preflight as parallel_preflight
 
-            if devices * nodes > 1:
-                parallel_preflight(devices, nodes, "cuda" if getattr(args, "gpus", None) else env.device,
+            if devices * nodes > 1:  # the jobs' GPUs are the allocation's: only what SLURM cannot check
+                parallel_preflight(devices, nodes, "cuda" if settings_from(suite, args).gpus else "cpu",
                                    {"train.batch_size": int(suite.train["batch_size"])}, slurm=True)
         elif devices * nodes > 1 or os.environ.get("WORLD_SIZE"):
             if args.executor != "inline":

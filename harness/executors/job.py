@@ -51,37 +51,47 @@ class CellJob(submitit.helpers.Checkpointable):
     :meth:`checkpoint` requeues the callable unchanged and a restart from the original pickle is just as good."""
 
     def __init__(self, suite: Suite, cell: Cell, results_root: Path, env: TrialEnv, checkpoint_dir: Path,
-                 checkpoint_every: int, code: dict[str, Any], code_check: str, threads: int | None = None):
+                 checkpoint_every: int, code: dict[str, Any], code_check: str, threads: int | None = None,
+                 ranks: int = 1):
         self.suite, self.cell, self.results_root = suite, cell, Path(results_root)
         self.env, self.checkpoint_dir, self.checkpoint_every = env, Path(checkpoint_dir), checkpoint_every
         self.code, self.code_check, self.threads = code, code_check, threads
+        #: processes per trial (SLURM tasks of the job, each a rank of :mod:`harness.distributed`)
+        self.ranks = ranks
 
     def __call__(self) -> dict[str, Any]:
         import torch
 
-        from harness import train
+        from harness import distributed, train
         from harness.loop import pick_device
 
         job = submitit.JobEnvironment().job_id  # 123_4 for an array element
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-        log(f"job {job} (restart {restarts}) cell {self.cell.key} of suite {self.suite.name}")
         check_code(self.code, self.code_check)
         threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
         if threads:  # torch's default (all visible cores) oversubscribes a node shared by several jobs
             torch.set_num_threads(threads)
-        env = dataclasses.replace(self.env, device=pick_device(), progress=False,
-                                  checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every)
+        world = distributed.SINGLE
+        if getattr(self, "ranks", 1) > 1:  # (a job pickled before data-parallel trials has no ranks)  # each SLURM task is a rank: its rank and the master from SLURM's environment
+            os.environ["HARNESS_SLURM_DDP"] = "1"
+            world = distributed.start(pick_device())
+        say = log if world.main else (lambda message: None)
+        say(f"job {job} (restart {restarts}) cell {self.cell.key} of suite {self.suite.name}"
+            + (f" on {world.size} ranks ({world.backend})" if world.distributed else ""))
+        env = dataclasses.replace(self.env, device=world.device if world.distributed else pick_device(),
+                                  progress=False, checkpoint_dir=self.checkpoint_dir,
+                                  checkpoint_every=self.checkpoint_every, world=world)
         failures: list[str] = []
 
         def run(spec: TrialSpec) -> dict[str, Any]:
             ckpt = self.checkpoint_dir / f"{spec.id}.ckpt.pt"
             if ckpt.exists():
-                log(f"resuming {spec.label()} from its epoch checkpoint {ckpt}")
+                say(f"resuming {spec.label()} from its epoch checkpoint {ckpt}")
             else:
-                log(f"start {spec.label()}")
+                say(f"start {spec.label()}")
             record = train.run_trial(spec, env)
             value = record["metrics"].get("eval")
-            log(f"done {spec.label()}: {record['status']}"
+            say(f"done {spec.label()}: {record['status']}"
                 + (f" eval={value:.4g}" if isinstance(value, float) else "") + f" ({record['wall_time_s']:.1f} s)")
             if record["status"] == "failed":
                 err = record["error"]
@@ -89,8 +99,8 @@ class CellJob(submitit.helpers.Checkpointable):
                 failures.append(f"{spec.stage} {spec.id}: {err['type']}: {err['message']}")
             return record
 
-        outcome = run_cell(self.suite, self.cell, Store(self.results_root), run)
-        log(f"cell {self.cell.key}: {outcome.ran} trials ran, {outcome.skipped} already recorded"
+        outcome = run_cell(self.suite, self.cell, Store(self.results_root), run, world)
+        say(f"cell {self.cell.key}: {outcome.ran} trials ran, {outcome.skipped} already recorded"
             + (f"; {outcome.note}" if outcome.note else ""))
         if failures:
             raise CellFailed(f"{self.cell.key}: {len(failures)} trial(s) failed (recorded as failed; "
@@ -112,7 +122,7 @@ def make_job(suite: Suite, cell: Cell, store: Store, env: TrialEnv, settings: Jo
         data_root=Path(env.data_root).resolve() if env.data_root else None,
         results_root=store.root.resolve())
     return CellJob(suite, cell, store.root.resolve(), env, folder / "checkpoints", settings.checkpoint_every, code,
-                   settings.code_check, threads)
+                   settings.code_check, threads, settings.devices * settings.nodes)
 
 
 def cells_to_run(suite: Suite, cells: list[Cell], store: Store) -> list[Cell]:

@@ -15,7 +15,7 @@ DEFAULT_TIME_MIN = 240
 
 #: command-line flag (argparse dest) -> JobSettings field
 FLAGS = ("partition", "account", "qos", "time", "gpus", "cpus", "mem_gb", "array_parallelism", "workers",
-         "code_check")
+         "code_check", "devices", "nodes")
 
 
 @dataclass
@@ -37,6 +37,9 @@ class JobSettings:
     workers: int | None = None
     checkpoint_every: int = 1
     code_check: str = "refuse"
+    #: a data-parallel trial: processes (SLURM tasks) per node, one GPU each when the job has GPUs, on ``nodes``
+    devices: int = 1
+    nodes: int = 1
 
     @property
     def time_min(self) -> int:
@@ -100,7 +103,7 @@ def settings_from(suite: Suite, args: argparse.Namespace) -> JobSettings:
     settings = JobSettings(**{k: v for k, v in merged.items() if v is not None})
     if settings.code_check not in CODE_CHECKS:
         raise HarnessError(f"code_check: expected one of {', '.join(CODE_CHECKS)}, got '{settings.code_check}'")
-    for name in ("time", "cpus", "workers", "array_parallelism", "checkpoint_every"):
+    for name in ("time", "cpus", "workers", "array_parallelism", "checkpoint_every", "devices", "nodes"):
         value = getattr(settings, name)
         if value is not None and value < 1:
             raise HarnessError(f"{name.replace('_', '-')}: expected a positive integer, got {value}")

@@ -36,12 +36,17 @@ def chunks(items: list[T], size: int) -> list[list[T]]:
 
 
 def slurm_executor(folder: Path, suite: Suite, settings: JobSettings) -> submitit.AutoExecutor:
-    """A submitit SLURM executor with the job settings (one node, one task, logs under ``folder/slurm/<job id>``)."""
+    """A submitit SLURM executor with the job settings (logs under ``folder/slurm/<job id>``): one task on one node,
+    or for data-parallel trials ``devices`` tasks per node on ``nodes`` nodes, each task one rank (and one GPU when
+    the jobs have GPUs: ``gpus_per_node`` = ``devices``)."""
     executor = submitit.AutoExecutor(folder=folder / "slurm" / "%j", cluster="slurm",
                                      slurm_max_num_timeout=settings.max_timeouts)
+    parallel = settings.devices * settings.nodes > 1
+    gpus = (settings.devices if settings.gpus else None) if parallel else (settings.gpus or None)
     params: dict[str, Any] = {
-        "name": f"harness-{suite.name}", "timeout_min": settings.time_min, "nodes": 1, "tasks_per_node": 1,
-        "cpus_per_task": settings.cpus, "mem_gb": settings.mem_gb, "gpus_per_node": settings.gpus or None,
+        "name": f"harness-{suite.name}", "timeout_min": settings.time_min, "nodes": settings.nodes,
+        "tasks_per_node": settings.devices,
+        "cpus_per_task": settings.cpus, "mem_gb": settings.mem_gb, "gpus_per_node": gpus,
         "slurm_partition": settings.partition, "slurm_account": settings.account, "slurm_qos": settings.qos,
         "slurm_array_parallelism": settings.array_parallelism, "slurm_signal_delay_s": settings.signal_delay(),
         "slurm_additional_parameters": settings.sbatch or None, "slurm_setup": settings.setup or None,
@@ -93,8 +98,13 @@ def run_slurm(suite: Suite, cells: list[Cell], store: Store, env: TrialEnv, args
                 print(f"  {job.job_id:>12}  {cell.key}")
             if len(jobs) > 20:
                 print(f"  ... and {len(jobs) - 20} more (see {ledger.path})")
+    parallel = settings.devices * settings.nodes > 1
     where = ", ".join(filter(None, [f"partition {settings.partition}" if settings.partition else None,
-                                    f"{settings.time_min} min", f"{settings.gpus} GPU(s)" if settings.gpus else None,
+                                    f"{settings.time_min} min",
+                                    f"{settings.devices} task(s) x {settings.nodes} node(s) per trial "
+                                    f"({settings.devices * settings.nodes} ranks)" if parallel else None,
+                                    (f"{settings.devices} GPU(s) per node" if parallel else
+                                     f"{settings.gpus} GPU(s)") if settings.gpus else None,
                                     f"{settings.cpus} CPU(s)" if settings.cpus else None]))
     print(f"resources per job: {where}; code {str(code.get('commit'))[:12]}"
           f"{' (dirty)' if code.get('dirty') else ''}, check on start: {settings.code_check}")
