@@ -404,10 +404,31 @@ def shard_loader(loader: DataLoader, world: World, train: bool = True) -> DataLo
 
 
 # ---------------------------------------------------------------------------------------------- batch norm
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over ranks, differentiable: every rank's loss depends on the sum, so the gradient of a rank's input
+    is the sum over ranks of the gradients of the sum."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch, on CPUs (``nn.SyncBatchNorm`` only runs
-    on GPUs): per-channel sums, squared sums and counts all-reduced through ``torch.distributed.nn``'s
-    differentiable all-reduce, so the gradient flows through the global statistics as in SyncBatchNorm."""
+    on GPUs): per-channel sums, squared sums and counts all-reduced through a differentiable all-reduce, so the
+    gradient flows through the global statistics as in SyncBatchNorm."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -416,13 +437,11 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not torch.distributed.is_initialized():
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         xf = x.float()
         count = torch.tensor([xf.numel() // max(1, channels)], dtype=xf.dtype)
-        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
         total = stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels:2 * channels] / total - mean * mean).clamp_min(0)
