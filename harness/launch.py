@@ -50,15 +50,10 @@ def preflight(devices: int, nodes: int, device: str, batch_sizes: dict[str, int]
     if nodes > 1 and not slurm:
         raise HarnessError(f"--nodes {nodes}: several nodes need SLURM (add --executor slurm); without it the "
                            "harness starts processes on this machine only")
-    world = devices * nodes
-    for name, size in batch_sizes.items():
-        if size < world:
-            raise HarnessError(f"{name} {size} is smaller than the {world} processes asked for: each process "
-                               "needs at least one image of every global batch")
     check_backend(device)
     if slurm:
-        return
-    if str(device).startswith("cuda"):
+        pass  # the GPUs and CPUs are the allocation's: SLURM refuses what the partition cannot give
+    elif str(device).startswith("cuda"):
         import torch
 
         have = torch.cuda.device_count()
@@ -72,6 +67,11 @@ def preflight(devices: int, nodes: int, device: str, batch_sizes: dict[str, int]
         if devices > have:
             raise HarnessError(f"--devices {devices}: no GPU here, and this process may use {have} CPU core(s); "
                                "on CPUs each process (gloo) needs a core of its own")
+    world = devices * nodes
+    for name, size in batch_sizes.items():
+        if size < world:
+            raise HarnessError(f"{name} {size} is smaller than the {world} processes asked for: each process "
+                               "needs at least one image of every global batch")
 
 
 def start_or_launch(argv: list[str], devices: int, nodes: int, device: str,
@@ -139,6 +139,10 @@ def launch(argv: list[str], processes: int) -> int:
         print(f"harness: error: rank {rank} ended with status {failed[rank]} (log {logs / f'rank{rank}.log'}): "
               + " | ".join(tail), file=sys.stderr)
         return 1
+    if code == 0 and not failed:
+        import shutil
+
+        shutil.rmtree(logs, ignore_errors=True)
     return code
 
 

@@ -87,6 +87,9 @@ def parallel_request(args: argparse.Namespace, suite) -> tuple[int, int]:
     section = dict(suite.raw.get("executor") or {})
     devices = args.devices if getattr(args, "devices", None) is not None else section.get("devices") or 1
     nodes = args.nodes if getattr(args, "nodes", None) is not None else section.get("nodes") or 1
+    for flag, value in (("--devices", devices), ("--nodes", nodes)):
+        if int(value) < 1:
+            raise HarnessError(f"{flag}: expected 1 or more, got {value}")
     return int(devices), int(nodes)
 
 
