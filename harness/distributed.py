@@ -1,4 +1,4 @@
-"""Data-parallel trials: one trial on N processes (docs/protocol.md §5.6).
+"""Data-parallel trials: one trial on N processes (docs/protocol.md §5.7).
 
 Every process ("rank") runs the same command; which rank it is comes from the environment, set either by
 :mod:`harness.launch` (``harness run --devices N`` on one machine, the torchrun way: ``RANK``, ``WORLD_SIZE``,

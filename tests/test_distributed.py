@@ -1,4 +1,4 @@
-"""Data-parallel trials (harness/distributed.py, harness/launch.py; docs/protocol.md §5.6), on CPU processes with
+"""Data-parallel trials (harness/distributed.py, harness/launch.py; docs/protocol.md §5.7), on CPU processes with
 gloo, as CI runs them.
 
 Tolerance of "the same trial on 1 and 2 processes": a deterministic trial (no dropout, drop-path or random

@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     """``--devices`` / ``--nodes``: data-parallel trials (harness/distributed.py); shared with ``harness
     pretune``."""
-    group = parser.add_argument_group("data-parallel trials (docs/protocol.md §5.6; default: the suite's "
+    group = parser.add_argument_group("data-parallel trials (docs/protocol.md §5.7; default: the suite's "
                                       "executor.devices / executor.nodes, else 1)")
     group.add_argument("--devices", type=int, metavar="N",
                        help="processes per trial on each node, one per GPU (gloo CPU processes without GPUs); "
