@@ -48,8 +48,9 @@ def preflight(devices: int, nodes: int, device: str, batch_sizes: dict[str, int]
     if nodes < 1:
         raise HarnessError(f"--nodes: expected 1 or more, got {nodes}")
     if nodes > 1 and not slurm:
-        raise HarnessError(f"--nodes {nodes}: several nodes need SLURM (add --executor slurm); without it the "
-                           "harness starts processes on this machine only")
+        raise HarnessError(f"--nodes {nodes}: several nodes need SLURM (harness run: add --executor slurm; or run "
+                           f"the command as the tasks of `srun --nodes {nodes} --ntasks-per-node {devices}`); "
+                           "without it the harness starts processes on this machine only")
     check_backend(device)
     if slurm:
         pass  # the GPUs and CPUs are the allocation's: SLURM refuses what the partition cannot give
@@ -78,7 +79,11 @@ def start_or_launch(argv: list[str], devices: int, nodes: int, device: str,
                     batch_sizes: dict[str, int]) -> World | int:
     """In a rank of a data-parallel command: its :class:`~harness.distributed.World` (process group started).
     Otherwise, with ``devices`` x ``nodes`` > 1: check (:func:`preflight`), start the ranks running ``argv`` and
-    return the exit status to end with. Else the one-process world."""
+    return the exit status to end with. Else the one-process world. A command run as the ``devices`` x ``nodes``
+    tasks of an ``srun`` step is already its ranks: each reads its rank from SLURM."""
+    step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if devices * nodes > 1 and step_tasks == devices * nodes and "RANK" not in os.environ:
+        os.environ["HARNESS_SLURM_DDP"] = "1"  # this command is one task of an srun step: its ranks are SLURM's
     world = start(device)
     if world.distributed:
         import atexit
