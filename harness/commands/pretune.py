@@ -43,10 +43,11 @@ def add_parser(sub) -> None:
                         help="override a suite key, dotted (e.g. pretune.epochs=1); repeatable")
     parser.add_argument("--data-root", help="where the suite's datasets live")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--devices", type=int, default=1, metavar="N",
+    parser.add_argument("--devices", type=int, metavar="N",
                         help="pre-tune data-parallel on N processes on this machine (one per GPU; gloo CPU "
-                             "processes without GPUs); the stage's batch size stays the global batch")
-    parser.add_argument("--nodes", type=int, default=1, metavar="M",
+                             "processes without GPUs); the stage's batch size stays the global batch (default: the "
+                             "suite's executor.devices, else 1)")
+    parser.add_argument("--nodes", type=int, metavar="M",
                         help="nodes: only inside a SLURM job whose tasks each run this command (srun), where every "
                              "task reads its rank from SLURM")
     parser.set_defaults(func=main)
@@ -78,10 +79,12 @@ def main(args: argparse.Namespace) -> int:
     if args.force and len(names) > 1:
         raise HarnessError(f"--force with several methods ({', '.join(names)}) would redo a stage they share once "
                            "per method; pick one with --method")
+    from harness.commands.run import parallel_request
     from harness.launch import start_or_launch
     from harness.loop import pick_device
 
-    world = start_or_launch(getattr(args, "argv", []), args.devices, args.nodes, pick_device(), {})
+    devices, nodes = parallel_request(args, suite)
+    world = start_or_launch(getattr(args, "argv", []), devices, nodes, pick_device(), {})
     if isinstance(world, int):  # the ranks ran the stage
         return world
     cache = cache_dir()

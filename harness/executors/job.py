@@ -14,6 +14,10 @@ that is safe because the state lives in the records and epoch checkpoints, not i
 
 A job first checks its code (:func:`harness.executors.code.check_code`); it ends with :class:`CellFailed` when a
 trial failed, so the queue and the log show the job as failed.
+
+Data-parallel trials (``devices`` x ``nodes`` > 1): the job has that many SLURM tasks, each running this callable as
+one rank (:func:`harness.distributed.start` reads its rank from SLURM); rank 0 writes the records and the epoch
+checkpoints and alone writes the log lines.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ class CellJob(submitit.helpers.Checkpointable):
         if threads:  # torch's default (all visible cores) oversubscribes a node shared by several jobs
             torch.set_num_threads(threads)
         world = distributed.SINGLE
-        if getattr(self, "ranks", 1) > 1:  # (a job pickled before data-parallel trials has no ranks)  # each SLURM task is a rank: its rank and the master from SLURM's environment
+        # each SLURM task is a rank, its rank and master from SLURM (a job pickled before this has no ``ranks``)
+        if getattr(self, "ranks", 1) > 1:
             os.environ["HARNESS_SLURM_DDP"] = "1"
             world = distributed.start(pick_device())
         say = log if world.main else (lambda message: None)
