@@ -26,7 +26,8 @@ import torch
 import yaml
 
 from harness.cli import main
-from harness.distributed import GlooSyncBatchNorm, RankBatches, World, rank_slice, shard_loader
+from harness.distributed import (GlooSyncBatchNorm, PeerLost, RankBatches, World, peer_loss, rank_slice,
+                                 shard_loader)
 
 LOSS_RTOL = 1e-4
 METRIC_ATOL = 0.5
@@ -101,6 +102,40 @@ def test_gloo_sync_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
         assert torch.allclose(plain.weight.grad, synced.weight.grad, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+class FakeStore:
+    """The group's key-value store, as far as failure notes use it."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.data[key] = value.encode()
+
+    def check(self, keys: list[str]) -> bool:
+        return all(key in self.data for key in keys)
+
+    def get(self, key: str) -> bytes:
+        return self.data[key]
+
+
+def test_the_failed_record_names_the_rank_that_failed_and_why():
+    store = FakeStore()
+    rank0, rank1, rank2 = (World(rank=r, size=3, _store=store) for r in range(3))
+    rank1.note_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))  # its own error
+    rank2.note_failure(PeerLost("rank 2: a collective failed (Connection closed by peer)"))  # a bystander
+    found = rank0.failure(PeerLost("rank 0: a collective failed (Connection reset by peer)"))
+    assert found["failed_rank"] == 1 and found["why"].startswith("rank 1 failed: RuntimeError: CUDA out of memory")
+    assert found["silent_ranks"] == []
+
+
+def test_a_rank_that_left_no_word_is_named_as_such(monkeypatch):
+    monkeypatch.setattr("harness.distributed.NOTE_WAIT_S", 0.2)
+    found = World(rank=0, size=2, _store=FakeStore()).failure(RuntimeError("[gloo] Connection closed by peer"))
+    assert found["failed_rank"] == 1 and found["silent_ranks"] == [1]
+    assert "rank 1 ended without reporting an error" in found["why"]
+    assert peer_loss(RuntimeError("Connection reset by peer")) and not peer_loss(ValueError("bad shape"))
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -100,7 +100,8 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--account", help="SLURM account")
     group.add_argument("--qos", help="SLURM quality of service")
     group.add_argument("--time", type=int, metavar="MIN", help="time limit per job (one cell), minutes (default 240)")
-    group.add_argument("--gpus", type=int, help="GPUs per job")
+    group.add_argument("--gpus", type=int, help="GPUs per job (with --devices N: jobs have GPUs, one per task, N per "
+                                                 "node)")
     group.add_argument("--cpus", type=int, help="CPUs per job (also torch's thread count in the job)")
     group.add_argument("--mem-gb", type=float, help="memory per job, GB")
     group.add_argument("--array-parallelism", type=int, metavar="N", help="at most N array jobs running at once")
