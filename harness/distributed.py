@@ -301,8 +301,8 @@ def check_backend(device: str) -> None:
 
 def start(device: str) -> World:
     """This process's :class:`World` from the environment, with its process group started (a no-op single world
-    when nothing asks for data parallelism). On GPUs each rank takes ``cuda:<local rank>``; on CPUs torch's
-    threads are shared among the node's ranks."""
+    when nothing asks for data parallelism). On GPUs each rank takes ``cuda:<local rank>``; on CPUs the ranks the
+    harness launched share this machine's cores (a SLURM task keeps the threads its job set)."""
     found = requested_world()
     if found is None or found[1] <= 1:
         return SINGLE
@@ -313,7 +313,7 @@ def start(device: str) -> World:
     if str(device).startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
-    else:
+    elif source == "launch":  # this machine's cores, shared by its ranks (a SLURM task has its own CPUs)
         from harness.train import usable_cpus
 
         torch.set_num_threads(max(1, usable_cpus() // max(1, local_size)))
