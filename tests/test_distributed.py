@@ -298,3 +298,35 @@ def test_a_two_task_slurm_job_runs_one_trial_on_two_processes(make_suite, tmp_pa
     logs = sorted((results / "tiny" / "_jobs" / "slurm").rglob("*_log.out"))
     assert len(logs) == 2  # one log per task (rank); only rank 0 reports the trial
     assert sum(log.read_text().count("] done ") for log in logs) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_requeued_two_task_job_resumes_on_every_rank_from_the_epoch_checkpoint(make_suite, tmp_path, capsys):
+    """`scontrol requeue` kills both tasks mid-trial; the job starts again from its pickle and both ranks load the
+    epoch checkpoint rank 0 wrote (the requeued job waits cred_expire + 1 = 31 s on the CI cluster)."""
+    down = _slurm_down()
+    if down:
+        pytest.skip(down)
+    from test_slurm import wait
+
+    epochs = 30
+    suite = str(make_suite(protocol=AGREE["protocol"], fixed=AGREE["fixed"],
+                           train={**AGREE["train"], "epochs": epochs, "batch_size": 10},
+                           slurm={"time": 5, "cpus": 1}, executor={"code_check": "warn"}))
+    results = tmp_path / "results"
+    assert main(["run", "--suite", suite, "--methods", "finetune", "--tasks", "demo-digits", "--no-progress",
+                 "--executor", "slurm", "--devices", "2", "--results", str(results)]) == 0
+    job = capsys.readouterr().out.split("as SLURM job ")[1].split()[0]
+    checkpoints = results / "tiny" / "_jobs" / "checkpoints"
+    try:
+        wait(lambda: list(checkpoints.glob("*.ckpt.pt")), 180, "the first epoch checkpoint", every=0.2)
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        [record] = wait(lambda: records(results), 400, "the requeued job's record", every=1.0)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert record["status"] == "ok" and record["distributed"]["world_size"] == 2
+    assert record["resumed_from_epoch"] >= 1
+    assert [c["epoch"] for c in record["curve"]] == list(range(1, epochs + 1))  # no gap, no repeat
+    text = "".join(log.read_text() for log in (results / "tiny" / "_jobs" / "slurm").rglob("*_0_log.out"))
+    assert "(restart 1)" in text and "resuming finetune/demo-digits final" in text
