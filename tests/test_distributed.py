@@ -235,6 +235,21 @@ def test_the_demo_command_on_two_processes_agrees_with_one(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_the_frozen_computation_cache_is_built_once_and_read_by_both_ranks(make_suite, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))  # empty: the two ranks build it
+    suite = str(make_suite(**{**AGREE, "fixed": {"linear": {"*": {"lr": 0.1, "weight_decay": 0.0}}}}))
+    args = ["run", "--suite", suite, "--methods", "linear", "--tasks", "demo-digits", "--no-progress", "--no-table"]
+    assert main([*args, "--results", str(tmp_path / "two"), "--devices", "2"]) == 0, capsys.readouterr().err
+    built = sorted(p.name for p in (tmp_path / "cache" / "features").glob("*.json"))
+    assert len(built) == 2  # the train and the test split, once each
+    assert main([*args, "--results", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cache" / "features").glob("*.json")) == built  # read, not rebuilt
+    [one], [two] = records(tmp_path / "one"), records(tmp_path / "two")
+    assert one["feature_cache"] == two["feature_cache"] == "used"
+    assert_curves_agree(one, two)
+
+
+@pytest.mark.slow
 def test_a_segmentation_trial_on_two_processes(tmp_path, capsys):
     from test_segmentation import TINY_ARGS, make_voc
 
