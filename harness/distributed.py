@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -487,9 +486,3 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         out.add_module(name, _convert_cpu(child))
     return out
-
-
-def log(world: World, message: str) -> None:
-    """A line on stderr from rank 0 only."""
-    if world.main:
-        print(message, file=sys.stderr, flush=True)

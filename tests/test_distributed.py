@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from harness.cli import main
 from harness.distributed import (GlooSyncBatchNorm, PeerLost, RankBatches, World, peer_loss, rank_slice,
