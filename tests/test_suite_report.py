@@ -99,10 +99,18 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run does as root)")
 def test_the_page_renders_in_a_headless_browser(filled, capsys, tmp_path):
+    """No console message, and every image decoded by the browser itself (a copy of the page counts, after load,
+    the images with no natural width: the page has no script of its own)."""
     path, suite, store, points, winner = filled
-    make_page(capsys, path, store, tmp_path)
-    page = tmp_path / "page" / f"{suite.name}.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
-    assert "73.0000" in dom and dom.count("<img") == 4
+    page = make_page(capsys, path, store, tmp_path)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", "<script>window.addEventListener('load', () => document.body.setAttribute("
+                                              "'data-broken', [...document.images].filter(i => !i.naturalWidth)"
+                                              ".length))</script></body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
+             "--enable-logging=stderr", "--v=0"]
+    done = subprocess.run([CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                          timeout=120)
+    assert [line for line in done.stderr.splitlines() if ":CONSOLE" in line] == []
+    assert 'data-broken="0"' in done.stdout and done.stdout.count("<img") == 4
+    assert "73.0000" in done.stdout
