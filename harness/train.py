@@ -64,6 +64,8 @@ class TrialEnv:
     results_root: Path | None = None
     #: the frozen-computation cache (:mod:`harness.features`) where a method and task allow it (``--no-cache``)
     feature_cache: bool = True
+    #: experiment trackers each finished trial is also sent to (``--log``; :mod:`harness.trackers`)
+    trackers: tuple[str, ...] = ()
 
     @classmethod
     def for_suite(cls, suite: Suite, cache_dir: Path, **options: Any) -> "TrialEnv":
@@ -193,6 +195,10 @@ def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     record["wall_time_s"] = round(time.perf_counter() - t0, 3)
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
     record["provenance"] = provenance(env.device, trial_in_process)
+    if env.trackers:
+        from harness.trackers import log_trial
+
+        log_trial(record, env.trackers, env.results_root)
     return record
 
 
