@@ -43,7 +43,14 @@ def regress(suite: Suite, results: Path, baseline_file: Path, run_id: str | None
         keys = None if since is not None else flagged
         hist = history(suite, results, methods, tasks, since=since, keys=keys)
         report["history"] = {k: v for k, v in hist.items() if since is not None or k in flagged}
-    paths = write_reports(report, report_dir, baseline) if report_dir is not None else {}
+    paths = {}
+    if report_dir is not None:
+        from harness.suite_report import write_suite_page
+
+        source = str(store.root) + (f" (run {run.run_id})" if run is not None else "")
+        page = write_suite_page(suite, store, methods, tasks, Path(report_dir), source)
+        report["suite_page"] = page.name  # beside the report: the night's table, curves and provenance
+        paths = {**write_reports(report, report_dir, baseline), "suite_page": page}
     return Outcome(report["exit_code"], report, paths)
 
 
@@ -154,6 +161,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{v} {k}" for k, v in sorted(report["counts"].items(), key=lambda kv: VERDICT_ORDER.index(kv[0])))]
     lines += [f"- cost: {line}" for line in cost_lines(report)]
     lines += [f"- note: {note}" for note in report["notes"]]
+    if report.get("suite_page"):
+        lines.append(f"- suite page: [{report['suite_page']}]({report['suite_page']}): the night's table, learning "
+                     "curves and provenance")
     flagged = [r for r in report["cells"] if r["flags"]]
     if flagged:
         lines += ["", "## Flagged cells (largest first)", ""]
@@ -221,6 +231,9 @@ def html_report(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
         parts.append(f"<dt>cost</dt><dd>{esc(line)}</dd>")
     for note in report["notes"]:
         parts.append(f"<dt>note</dt><dd>{esc(note)}</dd>")
+    if report.get("suite_page"):
+        parts.append(f"<dt>suite page</dt><dd><a href='{esc(report['suite_page'])}'>{esc(report['suite_page'])}</a>: "
+                     "the night's table, learning curves and provenance</dd>")
     parts.append("</dl>")
     flagged = [r for r in report["cells"] if r["flags"]]
     if flagged:

@@ -302,6 +302,8 @@ SECTIONS: dict[str, Key] = {
         ("<method>.'*'.<hyperparameter>", "value", "for every task without its own entry"),
     )),
     "executor": Key(dict, "settings shared by the local and SLURM executors", keys=EXECUTOR),
+    "log": Key(list, "experiment trackers every trial also logs to: tensorboard, mlflow, wandb (`run --log` adds)",
+               items=str),
     "slurm": Key(dict, "SLURM resources (command-line flags override them)", keys=SLURM),
     "flaky": Key(list, "cells whose regressions `harness regress` reports but never fails on", nullable=True,
                  items=(str, dict), entries=(

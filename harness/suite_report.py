@@ -121,7 +121,8 @@ def curves_figure(suite: Suite, store: Store, methods: list[str], tasks: list[st
 
 def search_figure(suite: Suite, store: Store, method: str, task: str) -> Any | None:
     """The search of one cell as a heat map: learning rate x weight decay, the validation metric in each square
-    (blank: no record; 'div': diverged), the winner outlined. None for a cell without a two-axis search."""
+    (blank: no record; 'div': diverged), the winner outlined. None for a cell without a two-axis search or whose
+    search has no record yet."""
     import numpy as np
     from matplotlib.patches import Rectangle
 
@@ -129,7 +130,7 @@ def search_figure(suite: Suite, store: Store, method: str, task: str) -> Any | N
 
     state = cell_state(suite, Cell(method, task), store, stale=False)
     points = [(s.spec.hparams.get("lr"), s.spec.hparams.get("weight_decay"), s) for s in state.search]
-    if not points or any(lr is None or wd is None for lr, wd, _ in points):
+    if not any(s.record is not None for *_, s in points) or any(lr is None or wd is None for lr, wd, _ in points):
         return None
     lrs = sorted({p[0] for p in points}, reverse=True)
     wds = sorted({p[1] for p in points}, reverse=True)
@@ -147,7 +148,7 @@ def search_figure(suite: Suite, store: Store, method: str, task: str) -> Any | N
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (i, j), text in labels.items():
         ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white")
-    winner = state.winner or {}
+    winner = state.hparams if state.winner is not None else {}  # the winning search point's hyperparameters
     if winner.get("lr") in lrs and winner.get("weight_decay") in wds:
         i, j = lrs.index(winner["lr"]), wds.index(winner["weight_decay"])
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))

@@ -67,6 +67,8 @@ class TrialEnv:
     feature_cache: bool = True
     #: this process's place in a data-parallel trial (:mod:`harness.distributed`); one process by default
     world: World = field(default_factory=lambda: SINGLE)
+    #: experiment trackers each finished trial is also sent to (``--log``; :mod:`harness.trackers`)
+    trackers: tuple[str, ...] = ()
 
     @classmethod
     def for_suite(cls, suite: Suite, cache_dir: Path, **options: Any) -> "TrialEnv":
@@ -204,6 +206,10 @@ def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     record["wall_time_s"] = round(time.perf_counter() - t0, 3)
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
     record["provenance"] = provenance(env.device, trial_in_process)
+    if env.trackers and world.main:  # one trial, one run in the tracker: rank 0's, as its record
+        from harness.trackers import log_trial
+
+        log_trial(record, env.trackers, env.results_root)
     return record
 
 

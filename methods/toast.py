@@ -125,7 +125,9 @@ class ToastLite(ToastMethod):
     """TOAST-Lite (paper §4.5, docs/protocol.md §3.9): rank-4 LoRA on every feedback linear; the pre-tuned feedback
     weights stay frozen; xi, P and the head train."""
 
-    description = "TOAST with rank-4 LoRA (peft) on the feedback path; xi, P and the head train"
+    description = "TOAST with rank-4 LoRA on the feedback path (merged per step); xi, P and the head train"
+    #: 2: the feedback LoRA computed merged (W + s B A per step) instead of peft's per-token form
+    version = 2
     defaults = {**ToastMethod.defaults, "lora_rank": 4, "lora_alpha": 1.0}
 
     def set_trainable(self, model: TopDownViT, hp: dict[str, Any]) -> None:

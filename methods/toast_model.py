@@ -280,12 +280,34 @@ def train_top_down(model: TopDownViT, *, prompt: bool = True, transform: bool = 
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
+class LoRALinear(nn.Linear):
+    """A frozen bias-free linear plus a trainable low-rank update, as loralib's ``lora.Linear`` in the official
+    TOAST-Lite: ``y = x W^T + scaling * x A^T B^T`` with ``weight`` (the pre-tuned W), ``lora_A`` (r x in) and
+    ``lora_B`` (out x r) named as there. Computed merged: ``W + scaling * B A`` is formed once per call (out x r x in
+    multiply-adds) and applied as one linear, instead of two thin matmuls per token as peft and loralib do while
+    training: the same function and the same gradients for A and B (to float rounding; tests/test_toast.py), at a
+    plain linear's cost per token."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__(base.in_features, base.out_features, bias=False, device=base.weight.device,
+                         dtype=base.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(base.weight)
+        self.weight.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device,
+                                               dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
+                                               dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)  # loralib's (and peft's) init: A random, B zero
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight + self.scaling * (self.lora_B @ self.lora_A))
+
+
 def add_feedback_lora(model: TopDownViT, rank: int = 4, alpha: float = 1.0) -> None:
-    """TOAST-Lite: peft LoRA on every feedback linear (``linear`` and ``linear2``), bias-free, dropout 0, scaling
-    ``alpha / rank`` (loralib's defaults alpha=1, r=4 give 0.25); A kaiming-uniform, B zeros as in loralib."""
-    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft imports transformers (~5 s)
-
-    config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                        target_modules=["linear", "linear2"])
-    inject_adapter_in_model(config, model.decoders)
-
+    """TOAST-Lite: LoRA on every feedback linear (``linear`` and ``linear2``), dropout 0, scaling ``alpha / rank``
+    (loralib's defaults alpha=1, r=4 give 0.25), computed merged (:class:`LoRALinear`)."""
+    for block in model.decoders.values():
+        for name in ("linear", "linear2"):
+            setattr(block, name, LoRALinear(getattr(block, name), int(rank), float(alpha)))

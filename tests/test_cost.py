@@ -212,7 +212,8 @@ def test_cpu_peak_memory_is_the_same_in_a_fresh_process_and_after_other_trials(m
 
     from harness import cost
     from harness.plan import Cell, final_specs, fixed_hparams
-    from harness.regress import COST_TOL, MEMORY_FLOOR
+    from harness.cost_context import MEMORY_FLOOR
+    from harness.regress import COST_TOL
     from harness.sweep import load_suite
     from harness.train import TrialEnv, run_trial
 

@@ -156,6 +156,11 @@ def test_two_nights_are_both_kept_a_rerun_resumes_and_nightly_compares(nightly, 
     assert report["run"]["run_id"] == "night-3" and report["baseline"]["run_id"] == "night-1"
     assert report["verdict"] == "clean" and report["exit_code"] == 0
     assert report["cells"][0]["delta"] == 0.0  # same code, same seeds: the same numbers
+    # beside the report: the night's suite page, linked from both reports, its table the night's records
+    assert report["suite_page"] == "nightly.html"
+    assert "href='nightly.html'" in (report_dir / "report.html").read_text()
+    assert "](nightly.html)" in (report_dir / "report.md").read_text()
+    assert f"<td>{report['cells'][0]['current']['mean']:.4f}</td>" in (report_dir / "nightly.html").read_text()
     assert [r.run_id for r in runs.list_runs(results, "nightly")] == ["night-1", "night-2", "night-3"]
 
     # a planted drop in a copy of a trained night: edit one record's metric (the id hashes the spec only)

@@ -243,7 +243,7 @@ SHOWN = {"suite": "suite:", "description": "description:", "tasks": "fnmatch pat
          "methods": "methods:", "backbone": "model_args", "data": "normalize", "train": "warmup_epochs",
          "protocol": "search.seed", "grids": "<method>.<hyperparameter>", "settings": "per_task",
          "fixed": "<method>.'*'", "executor": "checkpoint_every", "slurm": "partition",
-         "flaky": "'<method>:<task>'", "pretune": "Method.section_keys"}
+         "flaky": "'<method>:<task>'", "pretune": "Method.section_keys", "log": "tensorboard, mlflow, wandb"}
 
 
 def test_ls_suites_schema_prints_every_section_and_its_keys(capsys):

@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
                         help="no frozen-computation cache: the linear probe runs its frozen backbone and TOAST its "
                              "first pass on every batch")
     parser.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                        help="also log each trial to tensorboard, mlflow or wandb (repeatable; adds to the suite's "
+                             "log: list); needs pip install 'harness[TRACKER]'")
     add_cluster_args(parser)
     add_parallel_args(parser)
     parser.set_defaults(func=main)
@@ -178,8 +181,13 @@ def main(args: argparse.Namespace) -> int:
     suite = suite_from_args(args)
     method_names, task_names = select_names(suite, args.methods, args.tasks)
     store = store_from_args(args, suite, start=True)
+    from harness.trackers import check_trackers
+
+    trackers = check_trackers(suite.raw.get("log") or [], where=f"{suite.line_of('log')}: log")
+    trackers += check_trackers([name for name in getattr(args, "log", []) if name not in trackers])
     env = TrialEnv.for_suite(suite, cache_dir(), progress=not args.no_progress, keep_weights=args.keep_weights,
-                             results_root=store.root, feature_cache=not getattr(args, "no_cache", False))
+                             results_root=store.root, feature_cache=not getattr(args, "no_cache", False),
+                             trackers=trackers)
     cells = plan_cells(method_names, task_names)
     devices, nodes = parallel_request(args, suite)
     if args.dry_run:
