@@ -192,6 +192,7 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
     until the data ends, ``max_steps`` optimiser steps were taken in all, or the loss is not finite."""
     train_mode(model)
     totals = EpochTotals(steps=steps)
+    after_step = getattr(model, "after_optimizer_step", None)
     for images, labels in loader:
         if max_steps is not None and totals.steps >= max_steps:
             break
@@ -202,6 +203,8 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         if not finite:
             totals.diverged = True
             break
+        if after_step is not None:  # the model's own per-step update (harness.api.Method: after_optimizer_step)
+            after_step(totals.steps)
         totals.steps += 1
         if per_step:
             scheduler.step()
