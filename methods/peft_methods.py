@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 #: AdamW grid shared by the PETL baselines (docs/protocol.md §4.5, §5.5): base learning rates, scaled by the suite's
-#: ``lr_scaling`` like every method's; SSF's VTAB scripts use AdamW at 5e-3 for batch 64 (base 0.02 at batch/256)
+#: ``lr_scaling`` like every method's; SSF's VTAB scripts use AdamW at 5e-3 for batch 2 x 32 (base 0.02 at batch/256)
 PETL_GRID: dict[str, list] = {"lr": [0.05, 0.02, 0.01, 0.005, 0.002, 0.001],
                               "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
 
