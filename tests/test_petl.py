@@ -225,3 +225,15 @@ def test_a_trial_gives_adalora_its_step_count(fixed_suite, tmp_path, monkeypatch
     assert seen == {"steps": [10], "allocated": list(range(10))}
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
     assert [r["status"] for r in records if "spec" in r] == ["ok"]
+
+
+def test_declarations_load_without_torch() -> None:
+    """The read-side commands load method declarations without torch (issue 23): the baselines' modules import
+    torch and peft only inside ``build``."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from harness.api import METHODS; "
+            f"[METHODS.get(n).grid for n in {sorted(EXPECTED)!r}]; print('torch' in sys.modules, 'peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
