@@ -2,7 +2,7 @@
 that config's published defaults; nothing of the methods is written here (docs/protocol.md §4.5).
 
 Each class below only declares: ``peft_config`` (the peft config class), ``defaults`` (the config's keyword
-arguments, under peft's own names, so a suite or ``--set`` overrides any of them: ``--set r=8``), and the usual
+arguments, under peft's own names, so a suite or ``--set`` overrides any of them: ``--set settings.lokr.r=8``), and the usual
 optimiser and grid. :class:`PeftMethod.build` freezes the timm backbone, wraps it with ``peft.get_peft_model`` and
 leaves exactly the tuner's own parameters trainable (peft's ``prefix`` of the tuner: ``lora_``, ``ia3_``,
 ``vera_lambda_``, ``hada_``, ``lokr_``, ``oft_``), plus the task head. The frozen weights are never merged, so they
@@ -132,7 +132,7 @@ class VeRA(PeftMethod):
 class LoHa(PeftMethod):
     """LoHa (Hyeon-Woo et al., ICLR 2022, FedPara; LyCORIS): the update is the Hadamard product of two low-rank
     products. peft's image-classification guide for ViT: r 16, alpha 16 on query and value (here the fused qkv);
-    module dropout at peft's default 0 (the guide's 0.1 is ``--set module_dropout=0.1``)."""
+    module dropout at peft's default 0 (the guide's 0.1 is ``--set settings.loha.module_dropout=0.1``)."""
 
     description = "peft LoHa: Hadamard product of two rank-16 factorisations on the fused qkv"
     peft_config = "LoHaConfig"
