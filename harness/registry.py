@@ -49,12 +49,12 @@ class PluginError(HarnessError):
 
 
 def entry_points(group: str) -> list[tuple[metadata.EntryPoint, str, str]]:
-    """(entry point, distribution name, version) for every entry point of ``group`` in the environment."""
+    """(entry point, distribution name, version) for every entry point of ``group`` in the environment (one copy
+    per distribution, the first on ``sys.path``, as importlib.metadata resolves them)."""
     found = []
-    for dist in metadata.distributions():
-        for ep in dist.entry_points:
-            if ep.group == group:
-                found.append((ep, dist.metadata["Name"] or "?", dist.version or "?"))
+    for ep in metadata.entry_points(group=group):
+        dist = ep.dist
+        found.append((ep, (dist.metadata["Name"] if dist else None) or "?", (dist.version if dist else None) or "?"))
     return found
 
 

@@ -55,9 +55,11 @@ def install(tmp_path, monkeypatch):
 
     for registry in (METHODS, TASKS):
         monkeypatch.setattr(registry, "_index", None)
-        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
         monkeypatch.setattr(registry, "_origins", {})
     yield make
+    for registry in (METHODS, TASKS):  # built-ins loaded meanwhile stay (their modules are imported once)
+        for name in registry._origins:
+            registry._entries.pop(name, None)
     for module in [m for m in sys.modules if m.split(".")[0] in ("my_petl", "my_broken")]:
         del sys.modules[module]
 
