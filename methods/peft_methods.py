@@ -6,8 +6,9 @@ arguments, under peft's own names, so a suite or ``--set`` overrides any of them
 optimiser and grid. :class:`PeftMethod.build` freezes the timm backbone, wraps it with ``peft.get_peft_model`` and
 leaves exactly the tuner's own parameters trainable (peft's ``prefix`` of the tuner: ``lora_``, ``ia3_``,
 ``vera_lambda_``, ``hada_``, ``lokr_``, ``oft_``), plus the task head. The frozen weights are never merged, so they
-stay bit-identical; the backbone runs in eval mode while training except the adapted layers themselves, so an
-adapter's own dropout (``lora_dropout``, LyCORIS's ``module_dropout``) still acts.
+stay bit-identical; the backbone runs in eval mode while training except an adapter's own dropout
+(``lora_dropout``, ``vera_dropout``; the adapted layers themselves where LyCORIS's ``module_dropout`` or
+``rank_dropout`` is set, since those check the layer's own mode).
 
 Target modules on timm ViTs (fused ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``) follow each method's
 paper, or peft's own guide where the paper targets something else; where a paper adapts the separate q and v
@@ -93,9 +94,17 @@ class PeftMethod(Method):
         prefix = tuned.base_model.prefix
         for pname, p in tuned.named_parameters():
             p.requires_grad_(prefix in pname)
-        layers = {name.rsplit(".", 1)[-1] for name, m in tuned.named_modules() if isinstance(m, BaseTunerLayer)}
         return PeftClassifier(tuned, num_classes, frozen_eval=bool(hp.get("frozen_eval", True)),
-                              adapted=tuple(sorted(layers)))
+                              trains_in_frozen=self.trains_in_frozen(tuned, config, BaseTunerLayer))
+
+    @staticmethod
+    def trains_in_frozen(tuned: nn.Module, config: Any, layer_type: type) -> tuple[str, ...]:
+        """What of the eval-mode backbone still trains: the adapters' dropout modules, and the adapted layers
+        themselves when a LyCORIS-style dropout (``module_dropout``, ``rank_dropout``) asks their mode."""
+        names = {"lora_dropout", "vera_dropout"}
+        if getattr(config, "module_dropout", 0) or getattr(config, "rank_dropout", 0):
+            names |= {name.rsplit(".", 1)[-1] for name, m in tuned.named_modules() if isinstance(m, layer_type)}
+        return tuple(sorted(names))
 
 
 class DoRA(PeftMethod):

@@ -24,15 +24,15 @@ from methods.common import feature_dim, frozen_backbone, make_head
 
 class PeftClassifier(nn.Module):
     """``head(backbone(x))``, the backbone a peft model. With ``frozen_eval`` the backbone runs in eval mode while
-    training, except its adapted layers (``adapted``: the last name parts of peft's tuner layers, so an adapter's own
-    dropout acts; their frozen base layer is a Linear, which has no train-time behaviour)."""
+    training, except the modules named in ``trains_in_frozen`` (:meth:`methods.peft_methods.PeftMethod
+    .trains_in_frozen`: the adapters' own dropout)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, frozen_eval: bool, adapted: tuple[str, ...]):
+    def __init__(self, backbone: nn.Module, num_classes: int, frozen_eval: bool, trains_in_frozen: tuple[str, ...]):
         super().__init__()
         self.backbone = backbone
         self.head = make_head(feature_dim(backbone), num_classes)
         self.frozen_modules = frozen_backbone(frozen_eval)
-        self.trains_in_frozen = adapted
+        self.trains_in_frozen = trains_in_frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -237,3 +237,16 @@ def test_declarations_load_without_torch() -> None:
             f"[METHODS.get(n).grid for n in {sorted(EXPECTED)!r}]; print('torch' in sys.modules, 'peft' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_lycoris_module_dropout_acts_in_the_eval_mode_backbone() -> None:
+    """LoHa's module dropout asks its own layer's mode, so with it set the adapted layer trains inside the otherwise
+    eval-mode backbone; without it nothing of the backbone does."""
+    from harness.loop import train_mode
+
+    for dropout, expected in ((0.1, True), (0.0, False)):
+        _, model = build("loha", module_dropout=dropout)
+        train_mode(model)
+        blocks = model.backbone.base_model.model.blocks
+        assert blocks[0].attn.qkv.training is expected
+        assert not blocks[0].attn.proj.training and not blocks[0].mlp.training
