@@ -70,7 +70,7 @@ def test_the_documented_plugin_runs_on_a_suite_and_its_records_name_it(install, 
 
     assert main(["ls", "methods", "my-*"]) == 0
     listed = capsys.readouterr().out
-    assert re.search(r"plug-in \(my-petl 0\.1\.0\)\s+my-bitfit", listed)
+    assert re.search(r"my-bitfit\s+plug-in \(my-petl 0\.1\.0\)", listed)
     assert "torch" not in listed and "my_petl" not in sys.modules  # listed from metadata and source alone
 
     suite = fixed_suite(methods=["my-bitfit", "linear"], tasks=["my-stripes"],
@@ -108,7 +108,7 @@ def test_a_plugin_that_fails_to_import_is_one_line_and_breaks_nothing_else(insta
             "[harness.methods]\nbroken = my_broken:Nope\n")
     assert main(["ls", "methods"]) == 0  # listed (without its facts), every other method too
     listed = capsys.readouterr().out
-    assert re.search(r"plug-in \(my-petl 0\.1\.0\)\s+broken", listed) and "bitfit" in listed
+    assert re.search(r"broken\s+plug-in \(my-petl 0\.1\.0\)", listed) and "bitfit" in listed
 
     assert main(["run", "--suite", str(make_suite()), "--methods", "broken", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()

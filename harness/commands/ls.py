@@ -81,7 +81,7 @@ def list_methods(pattern: str, args: argparse.Namespace | None = None) -> str:
         label = METHOD_GROUPS.get(group, group)
         if origin:
             label += f" ({origin['distribution']} {origin['version']})"
-        row: dict[str, Any] = {"group": label, "method": name, "version": facts.get("version", 1),
+        row: dict[str, Any] = {"method": name, "group": label, "version": facts.get("version", 1),
                                "family": facts.get("family", ""), "optimizer": facts.get("optimizer", "sgd"),
                                "needs": ", ".join(facts.get("needs", ())) or "-"}
         if backbone:
