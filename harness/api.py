@@ -128,8 +128,9 @@ class Method(abc.ABC):
     # (harness.loop.train_mode; a model writes no ``train()`` override): ``model.frozen_modules`` names the frozen
     # submodules (dotted, e.g. ``("backbone",)``; none when absent), ``model.trains_in_frozen`` the modules inside
     # them that still train, by the last part of their name (an adapter's own dropout: ``("lora_dropout",)``).
-    # A model that adapts itself as it trains (AdaLoRA's rank budget) has ``after_optimizer_step(step)``: the engine
-    # calls it after every optimiser step of a trial (``step`` counts from 0 over the whole trial), while the step's
+    # A model that adapts itself as it trains (AdaLoRA's rank budget) has ``after_optimizer_step(step)`` (on itself or
+    # a submodule, so a wrapper such as the segmentation model keeps it): the engine calls it after every optimiser
+    # step of a trial (``step`` counts from 0 over the whole trial), while the step's
     # gradients are still in place; ``BuildContext.train_steps`` says how many steps there will be.
 
     #: what of the model is frozen and may be computed once and cached (:mod:`harness.features`), as a name that

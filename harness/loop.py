@@ -192,7 +192,9 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
     until the data ends, ``max_steps`` optimiser steps were taken in all, or the loss is not finite."""
     train_mode(model)
     totals = EpochTotals(steps=steps)
-    after_step = getattr(model, "after_optimizer_step", None)
+    # modules that adapt themselves as they train (harness.api.Method: after_optimizer_step), wherever they sit in
+    # the model (a segmentation wrapper, the frozen-feature cache's wrapper hold the method's model inside)
+    after_step = [hook for m in model.modules() if callable(hook := getattr(m, "after_optimizer_step", None))]
     for images, labels in loader:
         if max_steps is not None and totals.steps >= max_steps:
             break
@@ -203,8 +205,8 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         if not finite:
             totals.diverged = True
             break
-        if after_step is not None:  # the model's own per-step update (harness.api.Method: after_optimizer_step)
-            after_step(totals.steps)
+        for hook in after_step:
+            hook(totals.steps)
         totals.steps += 1
         if per_step:
             scheduler.step()
