@@ -93,6 +93,9 @@ class BuildContext:
     random_init: bool = False
     #: the data as the trial sees it (a segmentation task's crop and decoder settings live in its settings)
     data: "DataContext | None" = None
+    #: the optimiser steps the trial will take (epochs x batches per epoch, or the iteration budget), for a method
+    #: whose schedule depends on it (AdaLoRA's rank budget); None when the model is built outside a trial
+    train_steps: int | None = None
     resolve_artifact: Callable[[str], Path] = lambda name: (_ for _ in ()).throw(KeyError(name))  # noqa: E731
 
 
@@ -111,6 +114,9 @@ class Method(abc.ABC):
     #: the version of what this method computes (see the class docstring); records carry it as ``method_version``
     version: int = 1
     family: str = ""
+    #: the heading ``harness ls methods`` lists it under: ``headline`` (the paper's six), ``petl`` (the PETL
+    #: baselines), ``toast-variant``; empty: ``plug-in`` for a method from an installed package, else ``other``
+    group: str = ""
     description: str = ""
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw" (betas 0.9/0.999, eps 1e-6)
     warmup_epochs: int = 10  # the official code's per-method warmup (docs/protocol.md §5.3)
@@ -124,6 +130,10 @@ class Method(abc.ABC):
     # (harness.loop.train_mode; a model writes no ``train()`` override): ``model.frozen_modules`` names the frozen
     # submodules (dotted, e.g. ``("backbone",)``; none when absent), ``model.trains_in_frozen`` the modules inside
     # them that still train, by the last part of their name (an adapter's own dropout: ``("lora_dropout",)``).
+    # A model that adapts itself as it trains (AdaLoRA's rank budget) has ``after_optimizer_step(step)`` (on itself or
+    # a submodule, so a wrapper such as the segmentation model keeps it): the engine calls it after every optimiser
+    # step of a trial (``step`` counts from 0 over the whole trial), while the step's
+    # gradients are still in place; ``BuildContext.train_steps`` says how many steps there will be.
 
     #: what of the model is frozen and may be computed once and cached (:mod:`harness.features`), as a name that
     #: is part of the cache key (methods whose frozen parts compute the same thing share it): ``"pooled"`` for the
@@ -345,8 +355,12 @@ class SegmentationTask(Task):
         return self.options(ctx)["crop_size"]
 
 
-METHODS: Registry[Method] = Registry("method", "methods:INDEX")
-TASKS: Registry[Task] = Registry("task", "tasks:INDEX")
+#: built-in methods and tasks are indexed in their packages; installed packages add theirs through these entry-point
+#: groups (docs/plugins.md)
+METHOD_ENTRY_POINTS = "harness.methods"
+TASK_ENTRY_POINTS = "harness.tasks"
+METHODS: Registry[Method] = Registry("method", "methods:INDEX", group=METHOD_ENTRY_POINTS)
+TASKS: Registry[Task] = Registry("task", "tasks:INDEX", group=TASK_ENTRY_POINTS)
 #: named artifacts (backbone weights, pre-tuned checkpoints) that can be made or found on demand:
 #: name -> function(ArtifactRequest) -> Path. Referenced from sweeps as ``artifact:<name>``. A provider that is a
 #: stage of its own (TOAST's pre-tuning) sets a ``version`` attribute on the function (default 1; bump it when the

@@ -41,8 +41,23 @@ from typing import Any
 
 from harness.errors import HarnessError
 
-#: the demo's and the nightly suite's six methods
-HEADLINE_METHODS = ("linear", "finetune", "vpt-deep", "lora", "toast", "toast-lite")
+#: the method groups (``harness.api.Method.group``) ``harness bench`` times by default: the paper's headline methods
+#: and the PETL baselines; TOAST's variants and plug-ins are timed when named (``--methods``)
+DEFAULT_GROUPS = ("headline", "petl")
+
+
+def methods_in(*groups: str) -> list[str]:
+    """The registered methods of ``groups``, in the registry's index order (read from source: no import)."""
+    from harness.api import METHODS
+
+    return [name for group in groups for name in METHODS.index
+            if (METHODS.static(name).get("group") or "") == group]
+
+
+def default_methods() -> list[str]:
+    """What ``harness bench`` times when no ``--methods`` is given: the registry's :data:`DEFAULT_GROUPS`."""
+    return methods_in(*DEFAULT_GROUPS)
+
 DEFAULT_BACKBONE = "vit_base_patch16_224"
 #: the optimiser settings every method is stepped with (timing does not depend on their values)
 BENCH_HPARAMS = {"lr": 1e-3, "weight_decay": 1e-4}
@@ -58,7 +73,7 @@ class BenchConfig:
     """One bench run. ``backbone`` is a backbone spec (``name``, ``model_args``; weights are always random)."""
 
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_BACKBONE})
-    methods: Sequence[str] = HEADLINE_METHODS
+    methods: Sequence[str] = field(default_factory=default_methods)
     batch: int = 32
     #: input size; None: the backbone's own. Given, it is also the backbone's ``img_size`` unless model_args say
     image_size: int | None = None

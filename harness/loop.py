@@ -234,6 +234,9 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
     ranks the totals are this rank's (:meth:`EpochTotals.summed` adds them up)."""
     train_mode(model)
     totals = EpochTotals(steps=steps)
+    # modules that adapt themselves as they train (harness.api.Method: after_optimizer_step), wherever they sit in
+    # the model (a segmentation wrapper, the frozen-feature cache's wrapper hold the method's model inside)
+    after_step = [hook for m in model.modules() if callable(hook := getattr(m, "after_optimizer_step", None))]
     for batch in loader:
         if max_steps is not None and totals.steps >= max_steps:
             break
@@ -246,6 +249,8 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         if not finite:
             totals.diverged = True
             break
+        for hook in after_step:
+            hook(totals.steps)
         totals.steps += 1
         if per_step:
             scheduler.step()

@@ -95,7 +95,10 @@ def execution(trial_in_process: int) -> dict[str, Any]:
             "shared_process": trial_in_process > 0}
 
 
-def provenance(device: str, trial_in_process: int | None = None) -> dict[str, Any]:
+def provenance(device: str, trial_in_process: int | None = None,
+               plugins: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """``plugins``: the installed plug-in packages that gave what ran (role -> distribution, version, entry point;
+    ``harness.registry.Registry.origin``), so a record names the third-party code besides the harness's commit."""
     slurm = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
                                         "SLURM_RESTART_COUNT") if k in os.environ}
     return {
@@ -108,4 +111,5 @@ def provenance(device: str, trial_in_process: int | None = None) -> dict[str, An
         "execution": execution(trial_in_process) if trial_in_process is not None else None,
         "hostname": socket.gethostname(),
         "slurm": slurm or None,
+        "plugins": plugins,
     }

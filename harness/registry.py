@@ -10,6 +10,13 @@ where its entry lives. Two forms:
 
 Looking a name up imports only that module, so ``harness ls`` and name checks stay fast, and adding a plug-in is one
 file plus one index line.
+
+Installed packages add entries through a Python entry-point group (``harness.methods``, ``harness.tasks``; the
+standard plug-in mechanism, read with :mod:`importlib.metadata` without importing the package): an entry point
+``name = "pkg.module:Class"`` is an index line of its own. :meth:`Registry.origin` says which distribution (and
+version) gave a name, for the records' provenance. A plug-in name that clashes with a built-in one, or with another
+plug-in's, is refused naming both; a plug-in whose module fails to import is one :class:`PluginError` line naming
+the distribution, the entry point and the error, raised only when that name is used.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import functools
 import importlib
 import importlib.util
 from collections.abc import Iterable
+from importlib import metadata
 from typing import Generic, TypeVar
 
 from harness.errors import HarnessError, UnknownNameError, did_you_mean
@@ -35,13 +43,32 @@ class IndexMismatchError(RuntimeError):
     """An index line names a module or attribute that does not provide the entry: a programming error."""
 
 
+class PluginError(HarnessError):
+    """An installed plug-in package is broken or clashes with another name: the user's environment, so one clear
+    line (naming the distribution and the entry point), not a traceback."""
+
+
+def entry_points(group: str) -> list[tuple[metadata.EntryPoint, str, str]]:
+    """(entry point, distribution name, version) for every entry point of ``group`` in the environment (one copy
+    per distribution, the first on ``sys.path``, as importlib.metadata resolves them)."""
+    found = []
+    for ep in metadata.entry_points(group=group):
+        dist = ep.dist
+        found.append((ep, (dist.metadata["Name"] if dist else None) or "?", (dist.version if dist else None) or "?"))
+    return found
+
+
 class Registry(Generic[T]):
-    def __init__(self, kind: str, *indexes: str):
-        """``indexes`` are ``"module:ATTR"`` strings naming dicts of name -> registering module."""
+    def __init__(self, kind: str, *indexes: str, group: str | None = None):
+        """``indexes`` are ``"module:ATTR"`` strings naming dicts of name -> registering module; ``group`` the
+        entry-point group installed packages add entries through (None: none)."""
         self.kind = kind
         self._indexes = indexes
+        self.group = group
         self._index: dict[str, str] | None = None
         self._entries: dict[str, T] = {}
+        #: name -> where an installed plug-in's entry came from (distribution, version, entry point)
+        self._origins: dict[str, dict[str, str]] = {}
 
     # -- names -------------------------------------------------------------------------------------------------
     @property
@@ -54,8 +81,31 @@ class Registry(Generic[T]):
                     if name in merged:
                         raise DuplicateNameError(f"{self.kind} '{name}' is indexed twice ({merged[name]}, {target})")
                     merged[name] = target
+            if self.group:
+                self._add_entry_points(merged)
             self._index = merged
         return self._index
+
+    def _add_entry_points(self, merged: dict[str, str]) -> None:
+        for ep, dist, version in sorted(entry_points(self.group), key=lambda e: (e[0].name, e[1])):
+            origin = {"distribution": dist, "version": version, "entry_point": f"{ep.name} = {ep.value}",
+                      "group": self.group}
+            if ep.name in merged:
+                other = self._origins.get(ep.name)
+                if other is not None and other["distribution"] == dist:
+                    continue  # one distribution seen twice on the path (an editable install and its copy)
+                held = (f"plug-in {other['distribution']} {other['version']} ({other['entry_point']})" if other
+                        else f"the built-in {merged[ep.name]}")
+                raise PluginError(f"{self.kind} '{ep.name}' of plug-in {dist} {version} ({ep.group}: "
+                                  f"{ep.name} = {ep.value}) clashes with {held}; rename one of them")
+            merged[ep.name] = ep.value
+            self._origins[ep.name] = origin
+
+    def origin(self, name: str) -> dict[str, str] | None:
+        """Where ``name`` came from when an installed plug-in package gave it: ``{"distribution", "version",
+        "entry_point", "group"}``; None for a built-in."""
+        self.index
+        return dict(self._origins[name]) if name in self._origins else None
 
     def names(self) -> list[str]:
         return sorted(set(self.index) | set(self._entries))
@@ -91,7 +141,7 @@ class Registry(Generic[T]):
             if target is None:
                 raise UnknownNameError(self.kind, name, self.names())
             module, _, attr = target.partition(":")
-            loaded = importlib.import_module(module)
+            loaded = self._import(name, module)
             if attr:
                 if not hasattr(loaded, attr):
                     raise IndexMismatchError(f"{self.kind} '{name}' is indexed as {target}, but {module} has no {attr}")
@@ -103,6 +153,16 @@ class Registry(Generic[T]):
             elif name not in self._entries:
                 raise IndexMismatchError(f"{module} is indexed for {self.kind} '{name}' but did not register it")
         return self._entries[name]
+
+    def _import(self, name: str, module: str):
+        if name not in self._origins:
+            return importlib.import_module(module)
+        try:  # a broken plug-in is the user's environment: one line, and only for the name that needs it
+            return importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - any import-time failure of foreign code
+            o = self._origins[name]
+            raise PluginError(f"{self.kind} '{name}' of plug-in {o['distribution']} {o['version']} ({o['group']}: "
+                              f"{o['entry_point']}) failed to import: {type(err).__name__}: {err}") from None
 
     def add(self, name: str, entry: T) -> T:
         if self._indexes and name not in self.index:
@@ -124,7 +184,12 @@ class Registry(Generic[T]):
         if target is None:
             raise UnknownNameError(self.kind, name, self.names())
         module, _, attr = target.partition(":")
-        return dict(_class_literals(module, attr)) if attr else {}
+        if name not in self._origins:
+            return dict(_class_literals(module, attr)) if attr else {}
+        try:
+            return dict(_class_literals(module, attr)) if attr else {}
+        except Exception:  # noqa: BLE001 - a broken plug-in lists without its facts; using it says why
+            return {}
 
 
 

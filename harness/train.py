@@ -103,17 +103,18 @@ def backbone_spec_for(method: Method, backbone: dict[str, Any], hparams: dict[st
 def assemble_model(method: Method, backbone: dict[str, Any], hparams: dict[str, Any], *, cache_dir: Path,
                    device: str = "cpu", suite: str = "", task: Task | None = None, num_classes: int | None = None,
                    data: DataContext | None = None, resolve: Callable[[str], Path] | None = None,
-                   random_init: bool = False) -> nn.Module:
+                   random_init: bool = False, train_steps: int | None = None) -> nn.Module:
     """Backbone + method, the way every trial builds them (no data is read): the timm backbone of ``backbone``
     with the method's and the task's model arguments, then the task's model of the method (:mod:`harness.kinds`),
     or without a task ``method.build`` with a ``num_classes`` head. ``random_init``: built to be measured only
     (``harness bench``), so the method resolves no artifact (TOAST's pre-tuned module) and starts from its random
-    initialisation. The caller seeds."""
+    initialisation. ``train_steps``: the optimiser steps the trial will take (``BuildContext.train_steps``). The
+    caller seeds."""
     task_args = task.backbone_args(data) if task is not None and data is not None else {}
     model_backbone = build_backbone(backbone_spec_for(method, backbone, hparams, task_args), resolve)
     extra = {"resolve_artifact": resolve} if resolve is not None else {}
     ctx = BuildContext(hparams=hparams, suite=suite, cache_dir=cache_dir, device=device, task=task, data=data,
-                       random_init=random_init, **extra)
+                       random_init=random_init, train_steps=train_steps, **extra)
     if task is not None:
         return kinds.build_model(method, task, model_backbone, ctx)
     if num_classes is None:
@@ -121,14 +122,14 @@ def assemble_model(method: Method, backbone: dict[str, Any], hparams: dict[str, 
     return method.build(model_backbone, num_classes, ctx)
 
 
-def build_model(spec: TrialSpec, env: TrialEnv) -> nn.Module:
+def build_model(spec: TrialSpec, env: TrialEnv, train_steps: int | None = None) -> nn.Module:
     """Backbone + method, seeded with the trial's seed so heads and prompts start the same every time."""
     method, task = METHODS.get(spec.method), TASKS.get(spec.task)
     resolve = env.resolver(spec)
     dctx = env.data_context(spec)
     seed_everything(spec.seed)
     return assemble_model(method, spec.backbone, spec.hparams, cache_dir=env.cache_dir, device=env.device,
-                          suite=spec.suite, task=task, data=dctx, resolve=resolve)
+                          suite=spec.suite, task=task, data=dctx, resolve=resolve, train_steps=train_steps)
 
 
 def make_optimizer(method: Method, model: nn.Module, lr: float, hparams: dict[str, Any],
@@ -205,12 +206,19 @@ def run_trial(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
             record["distributed"] = {**world.describe_local(), **found, "broken": True}
     record["wall_time_s"] = round(time.perf_counter() - t0, 3)
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
-    record["provenance"] = provenance(env.device, trial_in_process)
+    record["provenance"] = provenance(env.device, trial_in_process, plugins=plugin_origins(spec))
     if env.trackers and world.main:  # one trial, one run in the tracker: rank 0's, as its record
         from harness.trackers import log_trial
 
         log_trial(record, env.trackers, env.results_root)
     return record
+
+
+def plugin_origins(spec: TrialSpec) -> dict[str, dict[str, str]] | None:
+    """The installed plug-in packages (distribution, version, entry point) that gave the trial's method or task;
+    None when both are built in."""
+    found = {"method": METHODS.origin(spec.method), "task": TASKS.origin(spec.task)}
+    return {role: origin for role, origin in found.items() if origin} or None
 
 
 def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
@@ -230,7 +238,8 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
     epochs, lr_factor, per_step = _schedule(train_cfg, method, iters, len(train_loader))
 
-    model = sync_batchnorm(build_model(spec, env), world).to(device)
+    steps = iters if iters is not None else epochs * len(train_loader)
+    model = sync_batchnorm(build_model(spec, env, train_steps=steps), world).to(device)
     if world.rank > 0:  # dropout and augmentation draw differently per rank (rank 0 draws as one process does)
         seed_everything(spec.seed + 1_000_003 * world.rank)
     params = parameter_counts(model)

@@ -19,6 +19,18 @@ INDEX: dict[str, str] = {
     "toast-nopretune": "methods.toast:ToastNoPretune",
     "toast-notoken": "methods.toast:ToastNoToken",
     "toast-nochannel": "methods.toast:ToastNoChannel",
+    # PETL baselines (docs/protocol.md §4.5): through peft, then written here
+    "dora": "methods.peft_methods:DoRA",
+    "ia3": "methods.peft_methods:IA3",
+    "vera": "methods.peft_methods:VeRA",
+    "loha": "methods.peft_methods:LoHa",
+    "lokr": "methods.peft_methods:LoKr",
+    "oft": "methods.peft_methods:OFT",
+    "adalora": "methods.peft_methods:AdaLoRA",
+    "bitfit": "methods.bitfit:BitFit",
+    "adapter": "methods.adapter:Adapter",
+    "adaptformer": "methods.adapter:AdaptFormer",
+    "ssf": "methods.ssf:SSF",
 }
 
 #: artifacts (weights, checkpoints) that methods know how to make: name -> "module:function"

@@ -20,6 +20,7 @@ OPTIMIZER_CHOICES = ("paper", "official")
 
 class FullFinetune(Method):
     family = "full"
+    group = "headline"
     description = "all backbone weights and the head train (AdamW)"
     optimizer = "adamw"
     warmup_epochs = 5

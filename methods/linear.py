@@ -8,6 +8,7 @@ from methods.common import BackboneClassifier, freeze
 
 class LinearProbe(Method):
     family = "head-only"
+    group = "headline"
     description = "frozen backbone, trainable linear head on the CLS token"
     optimizer = "sgd"
     warmup_epochs = 10

@@ -53,6 +53,7 @@ def _target_modules(value: Any) -> list[str]:
 
 class LoRA(Method):
     family = "lora"
+    group = "headline"
     description = "frozen backbone; peft LoRA (rank 4, scaling 0.25) on every block's fused qkv + linear head"
     optimizer = "sgd"
     warmup_epochs = 10

@@ -51,6 +51,7 @@ class ToastMethod(Method):
     """TOAST (paper §3.2): frozen backbone; xi, P (setting), the feedback path and the head train."""
 
     family = "top-down"
+    group = "headline"
     description = "top-down attention steering: xi, P and the feedback path train (pre-tuned init)"
     optimizer = "sgd"
     warmup_epochs = 10
@@ -138,6 +139,7 @@ class ToastLite(ToastMethod):
 
 class ToastEarly(ToastMethod):
     description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
+    group = "toast-variant"
     feedback = "early"
     seg_feedback = "early"
     frozen_features = "first-pass-early"  # the first pass stops at the middle block
@@ -145,6 +147,7 @@ class ToastEarly(ToastMethod):
 
 class ToastLate(ToastMethod):
     description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
+    group = "toast-variant"
     feedback = "late"
     seg_feedback = "late"
     frozen_features = "first-pass-late"  # shared: the lower half's output, computed once for both passes
@@ -152,6 +155,7 @@ class ToastLate(ToastMethod):
 
 class ToastNoPretune(ToastMethod):
     description = "ablation (Table 8): TOAST from a randomly initialised top-down module"
+    group = "toast-variant"
     needs = ()
     suite_sections = ()
     pretuned = False
@@ -159,9 +163,11 @@ class ToastNoPretune(ToastMethod):
 
 class ToastNoToken(ToastMethod):
     description = "ablation (Table 8): TOAST without token selection (xi unused)"
+    group = "toast-variant"
     token_selection = False
 
 
 class ToastNoChannel(ToastMethod):
     description = "ablation (Table 8): P and the feedback path frozen; xi and the head train"
+    group = "toast-variant"
     train_feedback = False

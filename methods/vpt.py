@@ -146,11 +146,13 @@ class _VPT(Method):
 
 class VPTDeep(_VPT):
     description = "frozen ViT; learned prompt tokens replaced before every block (VPT-deep) + linear head"
+    group = "headline"
     deep = True
     defaults = {"prompt_length": DEFAULT_PROMPT_LENGTH, "prompt_dropout": 0.1, "frozen_eval": True}
 
 
 class VPTShallow(_VPT):
     description = "frozen ViT; learned prompt tokens inserted once at the input (VPT-shallow) + linear head"
+    group = "petl"
     deep = False
     defaults = {"prompt_length": DEFAULT_PROMPT_LENGTH, "prompt_dropout": 0.0, "frozen_eval": True}

@@ -13,7 +13,10 @@ from conftest import TINY_BACKBONE
 from torch import nn
 
 from harness.api import METHODS
-from harness.bench import HEADLINE_METHODS
+from harness.bench import methods_in
+
+#: the paper's six, from the registry (the bench test times these; the default adds the PETL baselines)
+HEADLINE_METHODS = tuple(methods_in("headline"))
 
 #: TINY_BACKBONE as bench flags: 32x32 images, patch 8, width 32, 2 blocks
 TINY_FLAGS = ["--backbone", TINY_BACKBONE["name"], "--image-size", "32",
@@ -33,7 +36,7 @@ def bench_csv(tmp_path_factory) -> tuple[list[dict[str, str]], str, "Path"]:
 
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            code = main(["bench", *TINY_FLAGS, "--batch", "4", "--warmup", "1", "--repeats", "2", "--device", "cpu",
+            code = main(["bench", *TINY_FLAGS, "--methods", ",".join(HEADLINE_METHODS), "--batch", "4", "--warmup", "1", "--repeats", "2", "--device", "cpu",
                          "--num-classes", "10", "--threads", "1", "--no-progress", "--out", str(out)])
     finally:
         torch.set_num_threads(before)
@@ -283,3 +286,15 @@ def test_bench_grid_full_grid_takes_the_methods_own_grid(make_suite, tmp_path, c
     assert [r["epochs"] for r in rows] == ["2", "2"]  # the tiny suite trains 1
     grid = METHODS.get("linear").grid
     assert len(grid["lr"]) * len(grid["weight_decay"]) == 40
+
+
+def test_the_default_methods_come_from_the_registry() -> None:
+    """No fixed list: the headline methods and the PETL baselines as registered (a new one is timed without an
+    edit here); TOAST's variants only when named."""
+    from harness.bench import BenchConfig, default_methods
+
+    assert HEADLINE_METHODS == ("linear", "finetune", "vpt-deep", "lora", "toast", "toast-lite")
+    names = default_methods()
+    assert names[:6] == list(HEADLINE_METHODS) and BenchConfig().methods == names
+    assert {"bitfit", "ssf", "adapter", "dora", "adalora", "vpt-shallow"} <= set(names)
+    assert not [n for n in names if n.startswith("toast-") and n != "toast-lite"]

@@ -82,12 +82,13 @@ def test_cached_training_keeps_the_declaration_and_switches_only_on_a_change():
 
 def _old_rule(name: str, model: nn.Module, hp: dict[str, Any]) -> dict[str, bool]:
     """The modes the built-ins' own ``train()`` overrides gave: the backbone in eval mode under ``frozen_eval``
-    (LoRA: but its adapters' dropout), everything else training; full fine-tuning trains everything."""
+    (LoRA: but its adapters' dropout), everything else training; full fine-tuning trains everything. The PETL
+    baselines (docs/protocol.md §4.5), which had no overrides, follow the same rule: only adapter dropout trains."""
     frozen = name != "finetune" and hp.get("frozen_eval", True) is not False
     modes = {}
     for sub, module in model.named_modules():
         in_backbone = sub == "backbone" or sub.startswith("backbone.")
-        adapter_dropout = ".lora_dropout" in f".{sub}."
+        adapter_dropout = any(f".{d}." in f".{sub}." for d in ("lora_dropout", "vera_dropout", "adapter_dropout"))
         modes[sub] = not (frozen and in_backbone and not adapter_dropout)
     return modes
 

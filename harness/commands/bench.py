@@ -21,7 +21,7 @@ from harness.errors import HarnessError
 
 EXAMPLES = """\
 examples:
-  harness bench                                              # ViT-B/16, the six headline methods, batch 32
+  harness bench                                              # ViT-B/16, the headline methods + PETL baselines
   harness bench --backbone vit_tiny_patch16_224 --batch 16   # a few minutes on a CPU
   harness bench --methods 'linear,toast*' --batch 64 --repeats 20 --out toast.csv
   harness bench --backbone vit_tiny_patch16_224 --image-size 32 --model-arg patch_size=8 --batch 8
@@ -33,15 +33,15 @@ examples:
 
 
 def add_parser(sub) -> None:
-    from harness.bench import DEFAULT_BACKBONE, HEADLINE_METHODS
+    from harness.bench import DEFAULT_BACKBONE, DEFAULT_GROUPS
 
     parser = sub.add_parser("bench", help="time one training step of each method on a backbone",
                             description=__doc__, epilog=EXAMPLES, formatter_class=formatter)
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm model name (default: {DEFAULT_BACKBONE})")
     parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
                         help="a timm.create_model argument of the backbone (e.g. depth=2); repeatable")
-    parser.add_argument("--methods", default=",".join(HEADLINE_METHODS),
-                        help="comma list of methods, wildcards allowed (default: the six headline methods)")
+    parser.add_argument("--methods", help="comma list of methods, wildcards allowed (default: every registered "
+                                          f"method of the groups {', '.join(DEFAULT_GROUPS)}; see harness ls methods)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     parser.add_argument("--image-size", type=int, help="input size, also the backbone's img_size (default: its own)")
     parser.add_argument("--num-classes", type=int, default=100, help="classes of the task head (default: 100)")
@@ -90,7 +90,12 @@ def main(args: argparse.Namespace) -> int:
         from harness.errors import UnknownNameError
 
         raise UnknownNameError("timm backbone", args.backbone, timm.list_models())
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods is None:
+        from harness.bench import default_methods
+
+        methods = default_methods()
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise HarnessError("--methods: give at least one method")
     for item in args.model_arg:

@@ -54,14 +54,34 @@ def _pick(names: list[str], pattern: str) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+#: the headings of ``ls methods``, in order (a method's ``group``; harness.api.Method)
+METHOD_GROUPS = {"headline": "headline", "petl": "PETL baseline", "toast-variant": "TOAST variant",
+                 "plug-in": "plug-in", "other": "other"}
+
+
+def method_group(name: str, facts: dict[str, Any]) -> str:
+    """The method's ``group``; a method from an installed package without one is a ``plug-in``."""
+    group = str(facts.get("group") or "")
+    if not group:
+        group = "plug-in" if METHODS.origin(name) else "other"
+    return group
+
+
 def list_methods(pattern: str, args: argparse.Namespace | None = None) -> str:
     backbone = getattr(args, "backbone", None)
     rows = []
-    for name in _pick(METHODS.names(), pattern):
+    order = list(METHOD_GROUPS)
+    named = [(name, METHODS.static(name)) for name in _pick(METHODS.names(), pattern)]
+    named.sort(key=lambda nf: (order.index(g) if (g := method_group(*nf)) in order else len(order), g))
+    for name, facts in named:
         # the listing reads each method's declared facts from its source (no torch import); only the cost
         # columns build the method
-        facts = METHODS.static(name)
-        row: dict[str, Any] = {"method": name, "version": facts.get("version", 1),
+        group = method_group(name, facts)
+        origin = METHODS.origin(name)
+        label = METHOD_GROUPS.get(group, group)
+        if origin:
+            label += f" ({origin['distribution']} {origin['version']})"
+        row: dict[str, Any] = {"method": name, "group": label, "version": facts.get("version", 1),
                                "family": facts.get("family", ""), "optimizer": facts.get("optimizer", "sgd"),
                                "needs": ", ".join(facts.get("needs", ())) or "-"}
         if backbone:
