@@ -1,12 +1,22 @@
-"""Pieces shared by methods: the classification head, freezing, what a model declares frozen, and the backbone +
-head model."""
+"""Pieces shared by methods: freezing, what a model declares frozen, the classification head, and (in
+:mod:`methods.common_model`) the backbone + head model.
+
+This module declares; it imports no torch at its top, so a method module that imports it stays importable by the
+commands that only read records (``harness table``, ``status``, ...: they ask a method its grid, defaults and
+version, never its model). Whatever needs torch imports it where it runs. ``BackboneClassifier`` is still importable
+from here (``from methods.common import BackboneClassifier``): the name is resolved from
+:mod:`methods.common_model` on first use, which imports torch then.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from methods.common_model import BackboneClassifier  # noqa: F401
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -25,6 +35,8 @@ def frozen_backbone(frozen_eval: bool) -> tuple[str, ...]:
 def make_head(in_features: int, num_classes: int) -> nn.Linear:
     """The class-level head of the official VPT/TOAST code (``MLP`` with no hidden layer): kaiming-normal
     (fan_out) weight and the constant bias -log(99), which under softmax is the same as zero."""
+    from torch import nn
+
     head = nn.Linear(in_features, num_classes)
     nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
@@ -35,23 +47,13 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "num_features", None) or backbone.embed_dim)
 
 
-class BackboneClassifier(nn.Module):
-    """``head(backbone(x))``, where the timm backbone has no classifier and returns its pooled features (for a ViT,
-    the CLS token after the final norm). ``frozen_eval``: see :func:`frozen_backbone` (False for full fine-tuning,
-    whose backbone trains)."""
+#: model classes defined in methods.common_model, importable from here (PEP 562: torch is imported on first use)
+_MODELS = ("BackboneClassifier",)
 
-    def __init__(self, backbone: nn.Module, num_classes: int, frozen_eval: bool = True):
-        super().__init__()
-        self.backbone = backbone
-        self.head = make_head(feature_dim(backbone), num_classes)
-        self.frozen_modules = frozen_backbone(frozen_eval)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+def __getattr__(name: str) -> Any:
+    if name in _MODELS:
+        from methods import common_model
 
-    # the split the frozen-computation cache uses (harness.api.Method.frozen_features = "pooled")
-    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    def from_frozen(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+        return getattr(common_model, name)
+    raise AttributeError(f"module 'methods.common' has no attribute '{name}'")

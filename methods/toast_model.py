@@ -27,10 +27,10 @@ from torch import nn
 
 from harness.errors import HarnessError
 from methods.common import freeze, frozen_backbone, make_head
+from methods.toast import FEEDBACK_KINDS
 
 #: the top-down module's parameter names, as in the official checkpoints
 TOP_DOWN_KEYS = ("prompt", "top_down_transform", "decoders.")
-FEEDBACK_KINDS = ("full", "early", "late")
 
 
 class DecodeBlock(nn.Module):
