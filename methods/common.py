@@ -1,22 +1,20 @@
-"""Pieces shared by methods: freezing, what a model declares frozen, the classification head, and (in
-:mod:`methods.common_model`) the backbone + head model.
+"""Pieces shared by methods: freezing, what a model declares frozen and the classification head. The backbone + head
+model is :class:`methods.common_model.BackboneClassifier`.
 
-This module declares; it imports no torch at its top, so a method module that imports it stays importable by the
-commands that only read records (``harness table``, ``status``, ...: they ask a method its grid, defaults and
-version, never its model). Whatever needs torch imports it where it runs. ``BackboneClassifier`` is still importable
-from here (``from methods.common import BackboneClassifier``): the name is resolved from
-:mod:`methods.common_model` on first use, which imports torch then.
+This module imports no torch at its top (the head's constructor imports it when it runs), so a method module that
+imports it stays importable by the commands that only read records (``harness table``, ``status``, ...: they ask a
+method its grid, defaults and version, never its model). The split every method file follows: ``methods/<family>.py``
+declares (the :class:`harness.api.Method` subclass), ``methods/<family>_model.py`` holds its ``nn.Module`` classes
+and is imported inside ``build``; model modules never import their declaration module (one way, no cycle).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
-
-    from methods.common_model import BackboneClassifier  # noqa: F401
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -46,14 +44,3 @@ def make_head(in_features: int, num_classes: int) -> nn.Linear:
 def feature_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "num_features", None) or backbone.embed_dim)
 
-
-#: model classes defined in methods.common_model, importable from here (PEP 562: torch is imported on first use)
-_MODELS = ("BackboneClassifier",)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MODELS:
-        from methods import common_model
-
-        return getattr(common_model, name)
-    raise AttributeError(f"module 'methods.common' has no attribute '{name}'")

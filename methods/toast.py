@@ -46,7 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from methods.toast_model import TopDownViT
 
-#: the feedback spans (:func:`methods.toast_model.feedback_span`): full, from the middle block, into the upper half
+#: the feedback spans' names (their meaning: :func:`methods.toast_model.feedback_span`): whole, from the middle
+#: block, into the upper half
 FEEDBACK_KINDS = ("full", "early", "late")
 
 #: docs/protocol.md §5.5: TOAST's ``tune_vtab.py --grid-search-type topdown``

@@ -27,7 +27,6 @@ from torch import nn
 
 from harness.errors import HarnessError
 from methods.common import freeze, frozen_backbone, make_head
-from methods.toast import FEEDBACK_KINDS
 
 #: the top-down module's parameter names, as in the official checkpoints
 TOP_DOWN_KEYS = ("prompt", "top_down_transform", "decoders.")
@@ -50,7 +49,7 @@ def feedback_span(kind: str, depth: int) -> tuple[int, int]:
     middle = depth // 2
     spans = {"full": (depth, 0), "early": (middle, 0), "late": (depth, middle)}
     if kind not in spans:
-        raise ValueError(f"unknown feedback kind {kind!r} (expected one of {', '.join(FEEDBACK_KINDS)})")
+        raise ValueError(f"unknown feedback kind {kind!r} (expected one of {', '.join(spans)})")
     return spans[kind]
 
 

@@ -22,7 +22,6 @@ for shallow, since VPT's own per-task shallow lengths are only in an external sh
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from harness.api import BuildContext, Method, Task
@@ -55,11 +54,6 @@ def default_prompt_length(task: Task) -> int:
     if folder is not None:
         return VTAB_PROMPT_LENGTH[folder]
     return FAMILY_PROMPT_LENGTH.get(task.family, DEFAULT_PROMPT_LENGTH)
-
-
-def prompt_init_bound(patch_size: tuple[int, int], dim: int) -> float:
-    """VPT's "xavier uniform" bound sqrt(6 / (3 * patch_h * patch_w + d))."""
-    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
 
 
 class _VPT(Method):

@@ -3,12 +3,18 @@ head. It imports torch, so :mod:`methods.vpt` imports it only where it builds a 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from harness.errors import HarnessError
 from methods.common import feature_dim, frozen_backbone, make_head
-from methods.vpt import prompt_init_bound
+
+
+def prompt_init_bound(patch_size: tuple[int, int], dim: int) -> float:
+    """VPT's "xavier uniform" bound sqrt(6 / (3 * patch_h * patch_w + d))."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
 
 
 class PromptedViT(nn.Module):
