@@ -9,6 +9,7 @@ nightly) live in a store of their own, ``<results>/_runs/<run id>/`` (:mod:`harn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.sweep import Suite
 
 RECORD_SCHEMA = 1
+#: each cell folder's index of its records' settings (:meth:`Store.settings_index`); a dot file, so no scan reads it
+INDEX_NAME = ".settings-index.json"
+INDEX_SCHEMA = 1
 STATUSES = tuple(STATE_OF_STATUS)
 REQUIRED_FIELDS = ("schema", "id", "spec", "status", "metrics", "curve", "params", "provenance")
 
@@ -117,25 +121,103 @@ class Store:
         """Records (path, record) of a cell made with the suite's current settings that its plan no longer has
         (an edited grid, an earlier winner's finals, an older method or task version): stale, never counted.
         Records of other settings (a smoke run's overrides, an earlier backbone) are not stale: they belong to
-        another plan."""
+        another plan. Which records have which settings comes from the folder's index (:meth:`settings_index`), so
+        only the candidates are read in full."""
         base = suite.spec_base()
-        return [(path, record) for path, record in self._records_under(self.cell_dir(suite.name, cell))
-                if record["id"] not in planned_ids and same_settings(record["spec"], base)]
+        current = settings_key(base, base)
+        found = []
+        for path, entry in self.settings_index(self.cell_dir(suite.name, cell), base).items():
+            if entry["key"] != current or record_id_of(path) in planned_ids:
+                continue
+            record = self._check(path)
+            if record is not None and record["id"] not in planned_ids and same_settings(record["spec"], base):
+                found.append((path, record))
+        return found
 
     def other_settings(self, suite: "Suite") -> list[dict[str, Any]]:
         """The distinct suite-level settings of this suite's final records that differ from the current ones
-        (e.g. a smoke run's overrides), most records first: each ``{"overrides": ..., "records": n, ...}``."""
+        (e.g. a smoke run's overrides), most records first: each ``{"overrides": ..., "records": n, ...}``. Counted
+        from the cell folders' indexes (:meth:`settings_index`); one record per group is read for its settings."""
         base = suite.spec_base()
+        current = settings_key(base, base)
         groups: dict[str, dict[str, Any]] = {}
-        for record in self.scan(suite.name):
-            spec = record["spec"]
-            if spec.get("stage") != "final" or same_settings(spec, base):
-                continue
-            key = json.dumps({k: spec.get(k) for k in base}, sort_keys=True, default=str)
-            entry = groups.setdefault(key, {"overrides": spec.get("overrides") or {}, "records": 0,
-                                            "differs": sorted(k for k in base if spec.get(k) != base[k])})
-            entry["records"] += 1
+        folder = self.root / suite.name
+        cells = sorted(p for p in folder.glob("*/*") if p.is_dir()) if folder.is_dir() else []
+        for cell_dir in cells:
+            for path, entry in self.settings_index(cell_dir, base).items():
+                if entry["key"] in (None, current) or entry["stage"] != "final":
+                    continue
+                group = groups.get(entry["key"])
+                if group is None:
+                    spec = (self._check(path) or {}).get("spec")
+                    if spec is None:
+                        continue
+                    group = groups[entry["key"]] = {
+                        "overrides": spec.get("overrides") or {}, "records": 0,
+                        "differs": sorted(k for k in base if spec.get(k) != base[k])}
+                group["records"] += 1
         return sorted(groups.values(), key=lambda e: -e["records"])
+
+    def settings_index(self, folder: Path, base: dict[str, Any]) -> dict[Path, dict[str, Any]]:
+        """Every record file of one cell folder -> ``{"key": its settings' key (:func:`settings_key`, None when the
+        record is not valid), "stage": its stage}``, for the suite-level settings named by ``base``'s keys.
+
+        Status and the table's hints ask, per cell, which records have which settings; over thousands of records
+        of other settings (a season of smoke runs) parsing every file each time cost seconds. The answers are kept
+        in the folder's :data:`INDEX_NAME`, by file name, size and modification time: a file that is new or changed
+        is read again, an index of other ``base`` keys is rebuilt, and an invalid record's problem is reported
+        again each time (never cached as fine). A folder that cannot be written keeps working without the index."""
+        if not folder.is_dir():
+            return {}
+        keys = sorted(base)
+        index_path = folder / INDEX_NAME
+        try:
+            cached = json.loads(index_path.read_text())
+            if cached.get("schema") != INDEX_SCHEMA or cached.get("keys") != keys:
+                cached = {}
+        except (OSError, ValueError, AttributeError):
+            cached = {}
+        old = cached.get("files") or {}
+        files: dict[str, dict[str, Any]] = {}
+        out: dict[Path, dict[str, Any]] = {}
+        changed = False
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if not entry.name.endswith(".json") or entry.name.startswith(".") or not entry.is_file():
+                continue
+            path = folder / entry.name
+            stat = entry.stat()
+            known = old.get(entry.name)
+            if known is not None and known.get("size") == stat.st_size and known.get("mtime") == stat.st_mtime_ns:
+                if known.get("problem"):
+                    self._problem(path, known["problem"])
+            else:
+                before = len(self.problems)
+                record = self._check(path)
+                problem = self.problems[-1].reason if record is None and len(self.problems) > before else None
+                known = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "problem": problem,
+                         "key": settings_key(record["spec"], base) if record is not None else None,
+                         "stage": record["spec"].get("stage") if record is not None else None}
+                changed = True
+            files[entry.name] = known
+            out[path] = known
+        if changed or len(files) != len(old):
+            try:
+                atomic_write_json(index_path, {"schema": INDEX_SCHEMA, "keys": keys, "files": files})
+            except OSError:  # a read-only results folder: the next reader parses the records again
+                pass
+        return out
+
+
+def record_id_of(path: Path) -> str:
+    """The trial id in a record's file name (``<stage>-<id>.json``)."""
+    return path.stem.rpartition("-")[2]
+
+
+def settings_key(spec: dict[str, Any], base: dict[str, Any]) -> str:
+    """A short hash of a spec's suite-level settings (the fields named by ``base``'s keys): two specs have the same
+    key exactly when :func:`same_settings` holds between them (up to hash collisions)."""
+    text = json.dumps({k: spec.get(k) for k in sorted(base)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def same_settings(spec: dict[str, Any], base: dict[str, Any]) -> bool:
