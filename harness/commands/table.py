@@ -8,7 +8,7 @@ import sys
 from harness.commands import add_suite_args, formatter, store_from_args, suite_from_args
 from harness.errors import HarnessError
 from harness.plan import select_names
-from harness.table import EXTRA_COLUMNS, FORMATS
+from harness.table import EXTRA_COLUMNS, FORMATS, LAYOUTS
 
 EXAMPLES = """\
 examples:
@@ -42,6 +42,10 @@ def add_parser(sub) -> None:
                             epilog=EXAMPLES, formatter_class=formatter)
     add_suite_args(parser)
     parser.add_argument("--format", default="markdown", choices=FORMATS)
+    parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS),
+                        help="wide: a row per method, tasks as columns (the papers'); long: a row per task, a column "
+                             "per method; auto (default): long when the wide table would not fit the terminal "
+                             "(latex: wide; csv: always a row per method)")
     parser.add_argument("--columns", default="params",
                         help=f"cost columns, comma list of {', '.join(EXTRA_COLUMNS)} (or 'none')")
     parser.add_argument("--compare", metavar="METHOD",
@@ -60,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     unknown = [c for c in extra if c not in EXTRA_COLUMNS]
     if unknown:
         raise HarnessError(f"unknown column '{unknown[0]}' (expected some of {', '.join(EXTRA_COLUMNS)})")
-    from harness.table import build_table, other_settings_hint, override_flags
+    from harness.table import build_table, other_settings_hint, override_flags, wide_fits
 
     store = store_from_args(args)
     missing: list[str] = []
@@ -80,8 +84,14 @@ def main(args: argparse.Namespace) -> int:
         if args.reference_table:
             select_table(numbers, args.reference, args.reference_table)
         reference = Comparison(args.reference, args.reference_table)
-    print(build_table(suite, store, methods=methods, tasks=tasks, fmt=args.format, extra=extra, missing=missing,
-                      compare=compare, alpha=args.alpha, reference=reference))
+    options = dict(methods=methods, tasks=tasks, fmt=args.format, extra=extra, compare=compare, alpha=args.alpha,
+                   reference=reference)
+    layout = "wide" if args.layout == "auto" else args.layout
+    text = build_table(suite, store, missing=missing, layout=layout, **options)
+    width = terminal_width()
+    if args.layout == "auto" and args.format in ("markdown", "github") and width and not wide_fits(text, width):
+        text = build_table(suite, store, layout="long", **options)
+    print(text)
     if compare is not None and args.format == "csv":  # csv has no footnotes: its columns say compare and alpha
         from harness.table import compare_footnote
 
@@ -93,3 +103,14 @@ def main(args: argparse.Namespace) -> int:
     for problem in store.problems:
         print(f"warning: {problem}", file=sys.stderr)
     return 0
+
+
+def terminal_width() -> int | None:
+    """The terminal's width when the table goes to one (or ``$COLUMNS`` says it), else None: a file or a pipe has
+    no width, and gets the wide layout."""
+    import os
+    import shutil
+
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        return None
+    return shutil.get_terminal_size().columns
