@@ -228,6 +228,9 @@ class Task(abc.ABC):
     #: commands, flags and records keep ``name``. Empty: ``name`` is shown. Not part of what a trial computes
     #: (changing it bumps no ``version``)
     display_name: str = ""
+    #: whether the task reads data files (under ``data.root`` / ``--data-root``); False for a task that makes its
+    #: own data (the demo's generated images), for which a ``--data-root`` is ignored, and said to be
+    reads_data: bool = True
     num_classes: int = 0
     splits: tuple[str, ...] = ()
     metric: str = "top1"

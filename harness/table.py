@@ -242,7 +242,7 @@ def cell_text(value: float, cell: dict[str, Any] | None, n_seeds: int, differs: 
 def build_table(suite: Suite, store: Store, methods: list[str] | None = None, tasks: list[str] | None = None,
                 fmt: str = "markdown", extra: tuple[str, ...] = ("params",), missing: list[str] | None = None,
                 compare: str | None = None, alpha: float = 0.05, reference: Comparison | None = None,
-                layout: str = "wide") -> str:
+                layout: str = "wide", width: int | None = None) -> str:
     """The table as text. ``missing``, when given, receives the keys of the cells that have no value. ``compare``
     names a method: per task, the cells whose seeds differ from its seeds beyond their noise (Welch's t-test,
     p < ``alpha``) are marked ‡ with a footnote. ``reference`` adds the paper's number and our delta per cell: two
@@ -251,12 +251,12 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
     Tasks are shown by their display names (:attr:`harness.api.Task.label`: VTAB's "Clevr-Count"), except in csv,
     whose columns stay the registry's names (what scripts and ``harness.results`` key on). ``layout``: ``wide``
     (a row per method, tasks as columns, as the papers print it) or ``long`` (a row per task, group means and cost,
-    a column per method: what fits a terminal when a suite has many tasks); csv is always one row per method. In
-    LaTeX's wide layout the columns stand under their group's header (Natural / Specialized / Structured, as the
+    a column per method: what fits a terminal when a suite has many tasks), or ``auto``: long when the wide table is
+    wider than ``width`` (None: no limit; LaTeX: wide); csv is always one row per method. In LaTeX's wide layout the columns stand under their group's header (Natural / Specialized / Structured, as the
     paper's VTAB table), each group's mean last in it."""
     from tabulate import tabulate
 
-    if layout not in LAYOUTS:
+    if layout not in (*LAYOUTS, "auto"):
         from harness.errors import HarnessError
         raise HarnessError(f"unknown layout '{layout}' (expected one of {', '.join(LAYOUTS)})")
     tasks = tasks or suite.tasks
@@ -310,11 +310,13 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
     columns = ["method", *numeric, *_cost_columns(None, extra, numeric=False)]
     labels = column_labels(columns, s["groups"])
     if fmt == "latex":
-        return latex_table(rows, columns, labels, s["groups"], footnotes, layout)
-    header, body = (long_rows(rows, columns, labels) if layout == "long"
-                    else ([labels[c] for c in columns], [[row.get(c, "") for c in columns] for row in rows]))
+        return latex_table(rows, columns, labels, s["groups"], footnotes, "long" if layout == "long" else "wide")
     tablefmt = {"markdown": "pipe", "github": "github"}[fmt]
-    text = tabulate(body, headers=header, tablefmt=tablefmt, disable_numparse=True)
+    text = tabulate([[row.get(c, "") for c in columns] for row in rows], headers=[labels[c] for c in columns],
+                    tablefmt=tablefmt, disable_numparse=True)
+    if layout == "long" or (layout == "auto" and width is not None and not wide_fits(text, width)):
+        header, body = long_rows(rows, columns, labels)
+        text = tabulate(body, headers=header, tablefmt=tablefmt, disable_numparse=True)
     if footnotes:
         text += "\n\n" + "\n".join(footnotes)
     return text
@@ -431,6 +433,21 @@ def latex_table(rows: list[dict[str, Any]], columns: list[str], labels: dict[str
     if footnotes:
         lines += ["", "\\smallskip", "{\\footnotesize"] + [latex_escape(f) + r"\par" for f in footnotes] + ["}"]
     return "\n".join(lines)
+
+
+def coverage_note(suite: Suite, store: Store, cells: int, missing: list[str]) -> str:
+    """One line for a table with missing cells (on stderr): how many of its ``cells`` have final records, where they
+    were looked for (the store's folder: the results folder, or a run's) and under which settings, and what to
+    run next. :func:`other_settings_hint` adds the records made under other settings, when there are some."""
+    where = store.root / suite.name
+    settings = override_flags(suite.overrides) or "the suite file's settings"
+    status = f"harness status --suite {suite.name}" + (f" {override_flags(suite.overrides)}"
+                                                         if suite.overrides else "")
+    if len(missing) == cells:
+        return (f"note: no final records for these {cells} cells of suite {suite.name} in {where} under "
+                f"{settings}; `{status}` shows each cell's progress, `harness run --suite {suite.name}` makes them")
+    return (f"note: {cells - len(missing)} of {cells} cells have final records in {where} under {settings}; "
+            f"– marks the {len(missing)} missing, `{status}` says why")
 
 
 def other_settings_hint(suite: Suite, store: Store, flags: str) -> str:

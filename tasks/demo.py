@@ -249,6 +249,7 @@ class DemoTask(Task):
     family = "demo"
     splits = SPLITS
     deterministic_train = True  # generated tensors, no augmentation
+    reads_data = False  # generated (and cached), never read from a data root
 
     def __init__(self, name: str, group: str, num_classes: int, generator, total: int, seed: int):
         self.name, self.group, self.num_classes = name, group, num_classes

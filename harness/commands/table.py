@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     unknown = [c for c in extra if c not in EXTRA_COLUMNS]
     if unknown:
         raise HarnessError(f"unknown column '{unknown[0]}' (expected some of {', '.join(EXTRA_COLUMNS)})")
-    from harness.table import build_table, other_settings_hint, override_flags, wide_fits
+    from harness.table import build_table, coverage_note, other_settings_hint, override_flags
 
     store = store_from_args(args)
     missing: list[str] = []
@@ -86,17 +86,13 @@ def main(args: argparse.Namespace) -> int:
         reference = Comparison(args.reference, args.reference_table)
     options = dict(methods=methods, tasks=tasks, fmt=args.format, extra=extra, compare=compare, alpha=args.alpha,
                    reference=reference)
-    layout = "wide" if args.layout == "auto" else args.layout
-    text = build_table(suite, store, missing=missing, layout=layout, **options)
-    width = terminal_width()
-    if args.layout == "auto" and args.format in ("markdown", "github") and width and not wide_fits(text, width):
-        text = build_table(suite, store, layout="long", **options)
-    print(text)
+    print(build_table(suite, store, missing=missing, layout=args.layout, width=terminal_width(), **options))
     if compare is not None and args.format == "csv":  # csv has no footnotes: its columns say compare and alpha
         from harness.table import compare_footnote
 
         print(compare_footnote(compare, args.alpha), file=sys.stderr)
     if missing:
+        print(coverage_note(suite, store, len(methods) * len(tasks), missing), file=sys.stderr)
         hint = other_settings_hint(suite, store, override_flags(suite.overrides))
         if hint:
             print(hint, file=sys.stderr)
