@@ -13,7 +13,6 @@ per epoch, provenance): the demo suite's current plan complete (108 records) plu
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 HEAVY = ("torch", "timm", "peft", "sklearn", "pandas", "matplotlib", "scipy")
 PROBE = ("import sys, runpy; sys.argv = ['harness'] + sys.argv[1:]\n"
@@ -43,23 +43,15 @@ def record_of(spec, value: float, epochs: int) -> dict:
 def write_records(results: Path, total: int) -> int:
     """The demo suite's plan complete under the suite's own settings, then under --epochs 1, 2, ... until
     ``total`` records exist. Returns how many were written."""
-    from harness.plan import Cell, final_specs, plan_cells, search_specs, select_best
     from harness.store import Store
     from harness.sweep import load_suite
+    from records import complete_plan
 
-    store, rng, written, epochs = Store(results), random.Random(0), 0, None
+    store, written, epochs = Store(results), 0, None
     while written < total:
         suite = load_suite("demo", epochs=epochs)
-        for cell in plan_cells(suite.methods, suite.tasks):
-            search = []
-            for spec in search_specs(suite, Cell(cell.method, cell.task)):
-                record = record_of(spec.to_dict(), rng.uniform(20, 90), int(suite.raw["train"]["epochs"]))
-                store.write(dict(record, spec=spec))
-                search.append(record)
-            winner = select_best(search)
-            for spec in final_specs(suite, cell, winner["spec"]["hparams"]):
-                store.write(dict(record_of(spec.to_dict(), rng.uniform(20, 90), 2), spec=spec))
-            written += len(search) + len(suite.seeds)
+        budget = int(suite.raw["train"]["epochs"])
+        written += complete_plan(store, suite, lambda spec, value: record_of(spec, value, budget), seed=written)
         epochs = 1 if epochs is None else epochs + 1
     return written
 
