@@ -198,3 +198,26 @@ def test_regress_on_a_folder_that_is_not_a_run_says_so():
     sides = dict(_sides({"baseline": {"run_id": "n1", "git": {}, "created": "2026-12-01"},
                          "run": {"run_id": None, "time": None, "git": {}, "folder": "results"}}))
     assert "None" not in sides["this run"] and "not a run" in sides["this run"]
+
+
+def test_ls_methods_backbone_reads_a_counted_cost_without_torch(tmp_path):
+    """A cost counted once (here: written as the first count would write it) is listed from the cache, in a fresh
+    interpreter that imports neither torch nor timm."""
+    import os
+
+    from harness.api import METHODS
+    from harness.cost_cache import cache_path, cost_key
+    from harness.files import atomic_write_json
+
+    spec = {"name": "vit_tiny_patch16_224", "weights": None}
+    key = cost_key(METHODS.get("linear"), spec, 100, {}, None, True)
+    atomic_write_json(cache_path(tmp_path, key), {"key": key, "cost": {"trainable": 0, "head": 19300,
+                                                                       "total": 5543716, "flops": 2.5e9}})
+    probe = ("import sys\nfrom harness.cli import main\n"
+             "main(['ls', 'methods', 'linear', '--backbone', 'vit_tiny_patch16_224'])\n"
+             f"print([m for m in {HEAVY!r} if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, HARNESS_CACHE_DIR=str(tmp_path)))
+    row = next(line for line in done.stdout.splitlines() if line.startswith("linear"))
+    assert "0.019" in row and "5.54" in row and "2.50" in row, done.stdout + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
