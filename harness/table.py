@@ -252,8 +252,9 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
     whose columns stay the registry's names (what scripts and ``harness.results`` key on). ``layout``: ``wide``
     (a row per method, tasks as columns, as the papers print it) or ``long`` (a row per task, group means and cost,
     a column per method: what fits a terminal when a suite has many tasks), or ``auto``: long when the wide table is
-    wider than ``width`` (None: no limit; LaTeX: wide); csv is always one row per method. In LaTeX's wide layout the columns stand under their group's header (Natural / Specialized / Structured, as the
-    paper's VTAB table), each group's mean last in it."""
+    wider than ``width`` (None: no limit; LaTeX: wide); csv is always one row per method. In LaTeX's wide layout the
+    columns stand under their group's header (Natural / Specialized / Structured, as the paper's VTAB table), each
+    group's mean last in it."""
     from tabulate import tabulate
 
     if layout not in (*LAYOUTS, "auto"):
@@ -398,7 +399,8 @@ def latex_table(rows: list[dict[str, Any]], columns: list[str], labels: dict[str
             return " & ".join([latex_escape(label), *(latex_escape(str(r.get(column, ""))) for r in rows)]) + r" \\"
 
         for group in grouped:
-            lines.append(f"\\multicolumn{{{len(rows) + 1}}}{{l}}{{\\textit{{{latex_escape(group.capitalize())}}}}} \\\\")
+            title = latex_escape(group.capitalize())
+            lines.append(f"\\multicolumn{{{len(rows) + 1}}}{{l}}{{\\textit{{{title}}}}} \\\\")
             lines += [line(t, labels[t]) for t in groups[group] if t in labels]
             if f"{group} (mean)" in labels:
                 lines.append(line(f"{group} (mean)", "Mean"))
@@ -421,7 +423,8 @@ def latex_table(rows: list[dict[str, Any]], columns: list[str], labels: dict[str
         if spans:
             cells, at = [], 1
             for group, first, last in spans:
-                cells += [""] * (first - at) + [f"\\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(group.capitalize())}}}"]
+                title = latex_escape(group.capitalize())
+                cells += [""] * (first - at) + [f"\\multicolumn{{{last - first + 1}}}{{c}}{{{title}}}"]
                 at = last + 1
             cells += [""] * (len(order) + 1 - at)
             lines.append(" & ".join(cells) + r" \\")

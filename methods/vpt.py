@@ -1,8 +1,8 @@
 """Visual Prompt Tuning (Jia et al. 2022), deep and shallow, on timm ViTs (docs/protocol.md §4.1).
 
-The ViT is not copied: :class:`methods.vpt_model.PromptedViT` calls the timm model's own ``patch_embed``, ``_pos_embed``,
-``patch_drop``, ``norm_pre``, ``blocks`` and ``norm`` and inserts the prompt tokens itself, as official VPT's
-``PromptedTransformer`` does:
+The ViT is not copied: :class:`methods.vpt_model.PromptedViT` calls the timm model's own ``patch_embed``,
+``_pos_embed``, ``patch_drop``, ``norm_pre``, ``blocks`` and ``norm`` and inserts the prompt tokens itself, as
+official VPT's ``PromptedTransformer`` does:
 
 * p prompt tokens go right after the prefix tokens (CLS, and any register tokens): ``[CLS, (reg), P, patches]``.
   Prompts get no position embedding (they are inserted after ``_pos_embed``).
