@@ -126,9 +126,11 @@ class Store:
         base = suite.spec_base()
         current = settings_key(base, base)
         found = []
-        for path, entry in self.settings_index(self.cell_dir(suite.name, cell), base).items():
-            if entry["key"] != current or record_id_of(path) in planned_ids:
+        folder = self.cell_dir(suite.name, cell)
+        for name, entry in self.settings_index(folder, base).items():
+            if entry["key"] != current or record_id_of(name) in planned_ids:
                 continue
+            path = folder / name
             record = self._check(path)
             if record is not None and record["id"] not in planned_ids and same_settings(record["spec"], base):
                 found.append((path, record))
@@ -144,12 +146,12 @@ class Store:
         folder = self.root / suite.name
         cells = sorted(p for p in folder.glob("*/*") if p.is_dir()) if folder.is_dir() else []
         for cell_dir in cells:
-            for path, entry in self.settings_index(cell_dir, base).items():
+            for name, entry in self.settings_index(cell_dir, base).items():
                 if entry["key"] in (None, current) or entry["stage"] != "final":
                     continue
                 group = groups.get(entry["key"])
                 if group is None:
-                    spec = (self._check(path) or {}).get("spec")
+                    spec = (self._check(cell_dir / name) or {}).get("spec")
                     if spec is None:
                         continue
                     group = groups[entry["key"]] = {
@@ -158,8 +160,8 @@ class Store:
                 group["records"] += 1
         return sorted(groups.values(), key=lambda e: -e["records"])
 
-    def settings_index(self, folder: Path, base: dict[str, Any]) -> dict[Path, dict[str, Any]]:
-        """Every record file of one cell folder -> ``{"key": its settings' key (:func:`settings_key`, None when the
+    def settings_index(self, folder: Path, base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Every record file of one cell folder, by file name -> ``{"key": its settings' key (:func:`settings_key`, None when the
         record is not valid), "stage": its stage}``, for the suite-level settings named by ``base``'s keys.
 
         Status and the table's hints ask, per cell, which records have which settings; over thousands of records
@@ -179,38 +181,35 @@ class Store:
             cached = {}
         old = cached.get("files") or {}
         files: dict[str, dict[str, Any]] = {}
-        out: dict[Path, dict[str, Any]] = {}
         changed = False
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if not entry.name.endswith(".json") or entry.name.startswith(".") or not entry.is_file():
                 continue
-            path = folder / entry.name
             stat = entry.stat()
             known = old.get(entry.name)
             if known is not None and known.get("size") == stat.st_size and known.get("mtime") == stat.st_mtime_ns:
                 if known.get("problem"):
-                    self._problem(path, known["problem"])
+                    self._problem(folder / entry.name, known["problem"])
             else:
                 before = len(self.problems)
-                record = self._check(path)
+                record = self._check(folder / entry.name)
                 problem = self.problems[-1].reason if record is None and len(self.problems) > before else None
                 known = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "problem": problem,
                          "key": settings_key(record["spec"], base) if record is not None else None,
                          "stage": record["spec"].get("stage") if record is not None else None}
                 changed = True
             files[entry.name] = known
-            out[path] = known
         if changed or len(files) != len(old):
             try:
                 atomic_write_json(index_path, {"schema": INDEX_SCHEMA, "keys": keys, "files": files})
             except OSError:  # a read-only results folder: the next reader parses the records again
                 pass
-        return out
+        return files
 
 
-def record_id_of(path: Path) -> str:
+def record_id_of(name: str) -> str:
     """The trial id in a record's file name (``<stage>-<id>.json``)."""
-    return path.stem.rpartition("-")[2]
+    return name.removesuffix(".json").rpartition("-")[2]
 
 
 def settings_key(spec: dict[str, Any], base: dict[str, Any]) -> str:
