@@ -126,7 +126,7 @@ def list_tasks(pattern: str) -> str:
     rows = []
     for name in _pick(TASKS.names(), pattern):
         t = TASKS.get(name)
-        rows.append({"task": name, "shown as": t.label, "version": t.version, "family": t.family, "group": t.group,
+        rows.append({"task": name, "display": t.label, "version": t.version, "family": t.family, "group": t.group,
                      "classes": t.num_classes, "metric": t.metric, "splits": ", ".join(t.splits)})
     return tabulate(rows, headers="keys", tablefmt="simple")
 
