@@ -13,6 +13,7 @@ from harness.table import EXTRA_COLUMNS, FORMATS, LAYOUTS
 EXAMPLES = """\
 examples:
   harness table --suite demo
+  harness table --suite vtab --layout long          # a row per task: 19 tasks fit a terminal
   harness table --suite vtab --format latex --columns params,flops
   harness table --suite demo --epochs 2 --seeds 1 --grid-points 1   # the records of that smoke run
   harness table --suite demo --format csv > demo.csv
@@ -20,7 +21,10 @@ examples:
   harness table --suite fgvc --reference toast-paper              # + the paper's number and Δ under each row
   harness table --suite fgvc --reference toast-paper --reference-table 11 --format csv
 
-Rows are methods, columns tasks grouped as the suite groups them, then group means and the mean over tasks.
+Rows are methods, columns tasks grouped as the suite groups them, then group means and the mean over tasks
+(--layout long turns it: a row per task, a column per method; the default does so when the wide table would not fit
+the terminal). Tasks show as the papers print them (Clevr-Count, sNORB-Azim, CUB); csv keeps the registry's names.
+LaTeX puts the columns under Natural / Specialized / Structured headers, each group's mean last in it.
 Cells are mean ± std over the final seeds of the last-epoch metric; the best value per column is in bold;
 (n/N) marks a cell with only n of N seeds recorded; – marks a missing cell; † marks a cell whose seeds disagree
 far beyond their usual spread (one near chance, another far above; a footnote says which). '# params (M)' is the
