@@ -7,6 +7,7 @@ split and score on the validation split; :func:`select_best` refuses records tha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -90,8 +91,9 @@ class TrialSpec:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
+        """:func:`trial_id`, computed once per spec (reading a VTAB suite's records asks it thousands of times)."""
         return trial_id(self)
 
     @property
