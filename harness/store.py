@@ -55,12 +55,17 @@ class Problem:
 class Store:
     root: Path
     problems: list[Problem] = field(default_factory=list)
+    _dirs: dict[tuple[str, str, str], Path] = field(default_factory=dict, repr=False, compare=False)
 
     def path_for(self, spec: TrialSpec) -> Path:
         return self.cell_dir(spec.suite, spec.cell) / f"{spec.stage}-{spec.id}.json"
 
     def cell_dir(self, suite: str, cell: Cell) -> Path:
-        return self.root / suite / cell.method / cell.task
+        key = (suite, cell.method, cell.task)
+        folder = self._dirs.get(key)
+        if folder is None:  # made once per cell: a suite's table asks for thousands of record paths
+            folder = self._dirs[key] = self.root / suite / cell.method / cell.task
+        return folder
 
     def _check(self, path: Path, expected: TrialSpec | None = None) -> dict[str, Any] | None:
         try:
