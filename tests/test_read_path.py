@@ -51,8 +51,8 @@ from harness.store import Store
 from harness.sweep import load_suite
 from records import complete_plan
 
-complete_plan(Store(__import__("pathlib").Path(results)), load_suite("demo"))
-at = ["--results", results]
+complete_plan(Store(__import__("pathlib").Path(results)), load_suite("demo", grid_points=2, seeds=1))
+at = ["--results", results, "--grid-points", "2", "--seeds", "1"]
 runs = [["table", "--suite", "demo", *at], ["table", "--suite", "demo", "--format", "latex", *at],
         ["status", "--suite", "demo", "--stale", *at], ["ls"], ["reference", "ls"],
         ["plot", "--suite", "demo", "--out", out, *at],
@@ -66,7 +66,7 @@ print("HEAVY", [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)
 
 def test_read_commands_import_neither_torch_nor_sklearn(tmp_path):
     """Every read command's module, and table, status, ls, reference, plot, baseline and regress run over the demo
-    suite's complete plan (search trials, grid expansion, winners, finals), in a fresh interpreter."""
+    suite's complete plan (search trials of 2 grid points, winners, finals), in a fresh interpreter."""
     done = subprocess.run([sys.executable, "-c", PROBE.format(commands=READ_COMMANDS, heavy=HEAVY),
                            str(tmp_path / "results"), str(tmp_path / "out")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
