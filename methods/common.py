@@ -11,7 +11,8 @@ and is imported inside ``build``; model modules never import their declaration m
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -43,4 +44,13 @@ def make_head(in_features: int, num_classes: int) -> nn.Linear:
 
 def feature_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "num_features", None) or backbone.embed_dim)
+
+
+def __getattr__(name: str) -> Any:
+    """``from methods.common import BackboneClassifier`` inside a ``build`` keeps working (method modules written
+    before the split do so): the class is looked up in :mod:`methods.common_model` when first asked for, which
+    imports torch then, never when this module is imported. New code imports it from methods.common_model."""
+    if name == "BackboneClassifier":
+        return getattr(importlib.import_module("methods.common_model"), name)
+    raise AttributeError(f"module 'methods.common' has no attribute '{name}'")
 
