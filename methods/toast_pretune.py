@@ -414,8 +414,6 @@ def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str,
     The inputs are ``data`` (the trials' DataContext). While it runs, ``<output>.ckpt.pt`` holds the resumable state
     (with ``<output>.ckpt.json`` naming the settings it belongs to): running again with the same settings resumes
     from it; a leftover of other settings is discarded."""
-    import torch
-
     from harness.api import build_backbone, pick_device, seed_everything
 
     device = device or pick_device()
@@ -430,6 +428,8 @@ def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str,
     dataset, num_classes, fingerprint = pretune_dataset(cfg, data, backbone)
     model = toast.make_model(backbone, num_classes, {"v_bias_twice": bool(cfg["v_bias_twice"]),
                                                      "frozen_eval": cfg["frozen_eval"]})
+    import torch  # here, not at the top: the module's declarations are read without torch
+
     # the upstream head is thrown away: timm's ViT head init (trunc-normal 0.02, zero bias) starts it at chance
     # level instead of the downstream head's large kaiming init, so the first steps train the top-down module
     torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
