@@ -236,6 +236,13 @@ class Task(abc.ABC):
     version: int = 1
     family: str = ""  # the suite family that defines it: demo, vtab, fgvc, ...
     group: str = ""  # e.g. VTAB's natural / specialized / structured
+    #: the short name papers print (VTAB's "Clevr-Count", FGVC's "CUB"): tables, figures and reports show it;
+    #: commands, flags and records keep ``name``. Empty: ``name`` is shown. Not part of what a trial computes
+    #: (changing it bumps no ``version``)
+    display_name: str = ""
+    #: whether the task reads data files (under ``data.root`` / ``--data-root``); False for a task that makes its
+    #: own data (the demo's generated images), for which a ``--data-root`` is ignored, and said to be
+    reads_data: bool = True
     num_classes: int = 0
     splits: tuple[str, ...] = ()
     metric: str = "top1"
@@ -246,6 +253,11 @@ class Task(abc.ABC):
     #: keys of a suite's ``data:`` section this task reads besides the engine's (root, roots, image_size,
     #: normalize), e.g. VTAB's ``preprocess``; suite files are validated against them
     data_keys: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """What tables, figures and reports print for this task: its ``display_name``, else its ``name``."""
+        return self.display_name or self.name
 
     @abc.abstractmethod
     def dataset(self, split: str, ctx: DataContext, train: bool) -> "torch.utils.data.Dataset":

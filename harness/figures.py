@@ -57,6 +57,8 @@ def task_bars(summary: dict[str, Any], methods: list[str] | None = None, tasks: 
     error bar. A missing cell leaves its slot empty ("–"); a cell with fewer seeds than the protocol's is hatched.
     Each panel's y axis is zoomed to its bars (methods often differ by a point or two), starting at 0 only when
     the values come near it. A bar's height is exactly the table's cell mean."""
+    from harness.table import task_label  # the paper's short names (VTAB's Clevr-Count)
+
     methods, tasks = _methods(summary, methods), _tasks(summary, tasks)
     colours, cells, n_seeds = _colours(methods), summary["cells"], summary.get("n_seeds") or 0
     ncols = ncols or min(len(tasks), 4) or 1
@@ -87,7 +89,7 @@ def task_bars(summary: dict[str, Any], methods: list[str] | None = None, tasks: 
                 ax.errorbar(x, cell["mean"], yerr=std, color="0.15", capsize=2.5, linewidth=1.0, capthick=1.0)
             lows.append(cell["mean"] - std)
             highs.append(cell["mean"] + std)
-        ax.set_title(task, fontsize=9)
+        ax.set_title(task_label(task), fontsize=9)
         ax.set_xticks([])
         ax.set_xlim(-0.6, len(methods) - 0.4)
         ax.tick_params(axis="y", labelsize=7)

@@ -123,8 +123,10 @@ def _sides(report: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("baseline", f"run {base.get('run_id') or base.get('folder')}, commit {_commit(base.get('git') or {})}, "
                      f"frozen {base.get('created')}" + (f" from {base['file']}" if base.get("file") else "")),
-        ("this run", f"run {run.get('run_id') or run.get('folder')}, commit {_commit(run.get('git') or {})}, "
-                     f"started {run.get('time')}"),
+        ("this run", f"run {run.get('run_id')}, commit {_commit(run.get('git') or {})}, started {run.get('time')}"
+                     if run.get("run_id") else
+                     f"the records in {run.get('folder')} (not a run: no start time or commit of their own; "
+                     "each record carries its commit)"),
     ]
 
 

@@ -9,6 +9,7 @@ nightly) live in a store of their own, ``<results>/_runs/<run id>/`` (:mod:`harn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.sweep import Suite
 
 RECORD_SCHEMA = 1
+#: each cell folder's index of its records' settings (:meth:`Store.settings_index`); a dot file, so no scan reads it
+INDEX_NAME = ".settings-index.json"
+INDEX_SCHEMA = 1
 STATUSES = tuple(STATE_OF_STATUS)
 REQUIRED_FIELDS = ("schema", "id", "spec", "status", "metrics", "curve", "params", "provenance")
 
@@ -51,14 +55,19 @@ class Problem:
 class Store:
     root: Path
     problems: list[Problem] = field(default_factory=list)
+    _dirs: dict[tuple[str, str, str], Path] = field(default_factory=dict, repr=False, compare=False)
 
     def path_for(self, spec: TrialSpec) -> Path:
         return self.cell_dir(spec.suite, spec.cell) / f"{spec.stage}-{spec.id}.json"
 
     def cell_dir(self, suite: str, cell: Cell) -> Path:
-        return self.root / suite / cell.method / cell.task
+        key = (suite, cell.method, cell.task)
+        folder = self._dirs.get(key)
+        if folder is None:  # made once per cell: a suite's table asks for thousands of record paths
+            folder = self._dirs[key] = self.root / suite / cell.method / cell.task
+        return folder
 
-    def _check(self, path: Path) -> dict[str, Any] | None:
+    def _check(self, path: Path, expected: TrialSpec | None = None) -> dict[str, Any] | None:
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -71,7 +80,10 @@ class Store:
         if record["status"] not in STATUSES:
             self._problem(path, f"unknown status {record['status']!r}; the trial will run again")
             return None
-        if record["id"] != trial_id(record["spec"]):
+        # the id is the hash of the spec: a record that holds exactly the spec it was read for (``expected``, whose
+        # id is known) is not hashed again
+        known = expected is not None and record["id"] == expected.id and record["spec"] == expected.to_dict()
+        if not known and record["id"] != trial_id(record["spec"]):
             self._problem(path, "record id does not match its spec (edited or truncated); the trial will run again")
             return None
         if record["status"] == "ok" and not isinstance(record["metrics"].get("eval"), (int, float)):
@@ -86,7 +98,7 @@ class Store:
     def read(self, spec: TrialSpec) -> dict[str, Any] | None:
         """The valid record for a spec, or None (missing, or reported as a problem)."""
         path = self.path_for(spec)
-        return self._check(path) if path.exists() else None
+        return self._check(path, spec) if path.exists() else None
 
     def write(self, record: dict[str, Any]) -> Path:
         spec = record["spec"] if isinstance(record["spec"], TrialSpec) else TrialSpec.from_dict(record["spec"])
@@ -117,25 +129,102 @@ class Store:
         """Records (path, record) of a cell made with the suite's current settings that its plan no longer has
         (an edited grid, an earlier winner's finals, an older method or task version): stale, never counted.
         Records of other settings (a smoke run's overrides, an earlier backbone) are not stale: they belong to
-        another plan."""
+        another plan. Which records have which settings comes from the folder's index (:meth:`settings_index`), so
+        only the candidates are read in full."""
         base = suite.spec_base()
-        return [(path, record) for path, record in self._records_under(self.cell_dir(suite.name, cell))
-                if record["id"] not in planned_ids and same_settings(record["spec"], base)]
+        current = settings_key(base, base)
+        found = []
+        folder = self.cell_dir(suite.name, cell)
+        for name, entry in self.settings_index(folder, base).items():
+            if entry["key"] != current or record_id_of(name) in planned_ids:
+                continue
+            path = folder / name
+            record = self._check(path)
+            if record is not None and record["id"] not in planned_ids and same_settings(record["spec"], base):
+                found.append((path, record))
+        return found
 
     def other_settings(self, suite: "Suite") -> list[dict[str, Any]]:
         """The distinct suite-level settings of this suite's final records that differ from the current ones
-        (e.g. a smoke run's overrides), most records first: each ``{"overrides": ..., "records": n, ...}``."""
+        (e.g. a smoke run's overrides), most records first: each ``{"overrides": ..., "records": n, ...}``. Counted
+        from the cell folders' indexes (:meth:`settings_index`); one record per group is read for its settings."""
         base = suite.spec_base()
+        current = settings_key(base, base)
         groups: dict[str, dict[str, Any]] = {}
-        for record in self.scan(suite.name):
-            spec = record["spec"]
-            if spec.get("stage") != "final" or same_settings(spec, base):
-                continue
-            key = json.dumps({k: spec.get(k) for k in base}, sort_keys=True, default=str)
-            entry = groups.setdefault(key, {"overrides": spec.get("overrides") or {}, "records": 0,
-                                            "differs": sorted(k for k in base if spec.get(k) != base[k])})
-            entry["records"] += 1
+        folder = self.root / suite.name
+        cells = sorted(p for p in folder.glob("*/*") if p.is_dir()) if folder.is_dir() else []
+        for cell_dir in cells:
+            for name, entry in self.settings_index(cell_dir, base).items():
+                if entry["key"] in (None, current) or entry["stage"] != "final":
+                    continue
+                group = groups.get(entry["key"])
+                if group is None:
+                    spec = (self._check(cell_dir / name) or {}).get("spec")
+                    if spec is None:
+                        continue
+                    group = groups[entry["key"]] = {
+                        "overrides": spec.get("overrides") or {}, "records": 0,
+                        "differs": sorted(k for k in base if spec.get(k) != base[k])}
+                group["records"] += 1
         return sorted(groups.values(), key=lambda e: -e["records"])
+
+    def settings_index(self, folder: Path, base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Every record file of one cell folder, by file name -> ``{"key": its settings' key (:func:`settings_key`, None when the
+        record is not valid), "stage": its stage}``, for the suite-level settings named by ``base``'s keys.
+
+        Status and the table's hints ask, per cell, which records have which settings; over thousands of records
+        of other settings (a season of smoke runs) parsing every file each time cost seconds. The answers are kept
+        in the folder's :data:`INDEX_NAME`, by file name, size and modification time: a file that is new or changed
+        is read again, an index of other ``base`` keys is rebuilt, and an invalid record's problem is reported
+        again each time (never cached as fine). A folder that cannot be written keeps working without the index."""
+        if not folder.is_dir():
+            return {}
+        keys = sorted(base)
+        index_path = folder / INDEX_NAME
+        try:
+            cached = json.loads(index_path.read_text())
+            if cached.get("schema") != INDEX_SCHEMA or cached.get("keys") != keys:
+                cached = {}
+        except (OSError, ValueError, AttributeError):
+            cached = {}
+        old = cached.get("files") or {}
+        files: dict[str, dict[str, Any]] = {}
+        changed = False
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if not entry.name.endswith(".json") or entry.name.startswith(".") or not entry.is_file():
+                continue
+            stat = entry.stat()
+            known = old.get(entry.name)
+            if known is not None and known.get("size") == stat.st_size and known.get("mtime") == stat.st_mtime_ns:
+                if known.get("problem"):
+                    self._problem(folder / entry.name, known["problem"])
+            else:
+                before = len(self.problems)
+                record = self._check(folder / entry.name)
+                problem = self.problems[-1].reason if record is None and len(self.problems) > before else None
+                known = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "problem": problem,
+                         "key": settings_key(record["spec"], base) if record is not None else None,
+                         "stage": record["spec"].get("stage") if record is not None else None}
+                changed = True
+            files[entry.name] = known
+        if changed or len(files) != len(old):
+            try:
+                atomic_write_json(index_path, {"schema": INDEX_SCHEMA, "keys": keys, "files": files})
+            except OSError:  # a read-only results folder: the next reader parses the records again
+                pass
+        return files
+
+
+def record_id_of(name: str) -> str:
+    """The trial id in a record's file name (``<stage>-<id>.json``)."""
+    return name.removesuffix(".json").rpartition("-")[2]
+
+
+def settings_key(spec: dict[str, Any], base: dict[str, Any]) -> str:
+    """A short hash of a spec's suite-level settings (the fields named by ``base``'s keys): two specs have the same
+    key exactly when :func:`same_settings` holds between them (up to hash collisions)."""
+    text = json.dumps({k: spec.get(k) for k in sorted(base)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def same_settings(spec: dict[str, Any], base: dict[str, Any]) -> bool:

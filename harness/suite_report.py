@@ -49,11 +49,23 @@ def _csv_table(text: str) -> str:
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return "<p class='note'>no table</p>"
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in rows[0]) + "</tr>"]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(_header(h))}</th>" for h in rows[0]) + "</tr>"]
     for row in rows[1:]:
         cells = [f"<td class='name'>{html.escape(row[0])}</td>"] + [f"<td>{html.escape(v)}</td>" for v in row[1:]]
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</table>"
+
+
+def _header(column: str) -> str:
+    """A csv column as the page shows it: a task's columns by its display name (``vtab-dtd_std`` -> ``DTD std``)."""
+    from harness.api import TASKS
+    from harness.table import task_label
+
+    name, _, part = column.partition("_")
+    while name not in TASKS and part:  # task names may hold '_' (vtab-clevr_count)
+        head, _, part = part.partition("_")
+        name = f"{name}_{head}"
+    return f"{task_label(name)} {part}".strip() if name in TASKS else column
 
 
 def covering_sources(tasks: list[str]) -> list[str]:
@@ -99,6 +111,7 @@ def curves_figure(suite: Suite, store: Store, methods: list[str], tasks: list[st
     """Small multiples: one panel per cell (rows methods, columns tasks), the evaluation metric per epoch of each
     counted final trial (one line per seed). None when no final has a curve."""
     from harness.figures import new_figure
+    from harness.table import task_label
 
     finals = {(m, t): cell_state(suite, Cell(m, t), store, stale=False).final_records for m in methods for t in tasks}
     if not any(r.get("curve") for records in finals.values() for r in records):
@@ -112,7 +125,7 @@ def curves_figure(suite: Suite, store: Store, methods: list[str], tasks: list[st
                 points = [(e["epoch"], e["eval"]) for e in record.get("curve") or [] if e.get("eval") is not None]
                 if points:
                     ax.plot(*zip(*points), marker=".", linewidth=1, label=f"seed {record['spec']['seed']}")
-            ax.set_title(f"{method} / {task}", fontsize=8)
+            ax.set_title(f"{method} / {task_label(task)}", fontsize=8)
             ax.tick_params(labelsize=7)
     fig.supxlabel("epoch", fontsize=9)
     fig.supylabel("evaluation metric", fontsize=9)
@@ -127,6 +140,7 @@ def search_figure(suite: Suite, store: Store, method: str, task: str) -> Any | N
     from matplotlib.patches import Rectangle
 
     from harness.figures import new_figure
+    from harness.table import task_label
 
     state = cell_state(suite, Cell(method, task), store, stale=False)
     points = [(s.spec.hparams.get("lr"), s.spec.hparams.get("weight_decay"), s) for s in state.search]
@@ -156,7 +170,7 @@ def search_figure(suite: Suite, store: Store, method: str, task: str) -> Any | N
     ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
     ax.set_xlabel("weight decay", fontsize=8)
     ax.set_ylabel("lr", fontsize=8)
-    ax.set_title(f"{method} / {task}: search (winner outlined)", fontsize=8)
+    ax.set_title(f"{method} / {task_label(task)}: search (winner outlined)", fontsize=8)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
 
@@ -165,7 +179,7 @@ def suite_page(suite: Suite, store: Store, methods: list[str], tasks: list[str],
     """The page (see the module docstring); ``source`` says where the records were read (results folder, run)."""
     from harness.figures import task_bars, tradeoff
     from harness.reference import Comparison
-    from harness.table import build_table, suite_summary
+    from harness.table import build_table, suite_summary, task_label
 
     esc = html.escape
     summary = suite_summary(suite, store, methods, tasks)
@@ -185,7 +199,7 @@ def suite_page(suite: Suite, store: Store, methods: list[str], tasks: list[str],
     if curves is not None:
         parts += ["<h2>Learning curves of the final trials</h2><div class='figures'>",
                   _figure_html("evaluation metric per epoch, one line per seed", curves), "</div>"]
-    searches = [(f"{m}/{t}", fig) for m in methods for t in tasks if (fig := search_figure(suite, store, m, t))]
+    searches = [(f"{m}/{task_label(t)}", fig) for m in methods for t in tasks if (fig := search_figure(suite, store, m, t))]
     if searches:
         parts.append("<h2>Searches</h2><div class='figures'>")
         parts += [_figure_html(f"{key}: validation metric per lr x weight decay", fig) for key, fig in searches]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from typing import TYPE_CHECKING, Any
 
 from harness.api import TASKS
@@ -35,8 +36,15 @@ FRAME_COLUMNS = ["method", "task", "seed", "value", "trainable", "head", "total"
 def final_frame(suite: Suite, store: Store, methods: list[str], tasks: list[str],
                 states: dict[Cell, Any] | None = None) -> pd.DataFrame:
     """One row per ok final record that the protocol state counts for the given cells (``states``: the cells'
-    :func:`~harness.plan.cell_state`, when the caller has them already)."""
-    import pandas as pd  # lazy: pandas costs ~0.4 s, and `harness --help` must not pay it
+    :func:`~harness.plan.cell_state`, when the caller has them already), as a pandas frame."""
+    import pandas as pd  # lazy: pandas costs ~0.3 s; the text table (final_rows) does without it
+
+    return pd.DataFrame(final_rows(suite, store, methods, tasks, states), columns=FRAME_COLUMNS)
+
+
+def final_rows(suite: Suite, store: Store, methods: list[str], tasks: list[str],
+               states: dict[Cell, Any] | None = None) -> list[dict[str, Any]]:
+    """:func:`final_frame`'s rows as dicts (what :func:`summarize` needs, without importing pandas)."""
     rows = []
     for method in methods:
         for task in tasks:
@@ -51,7 +59,7 @@ def final_frame(suite: Suite, store: Store, methods: list[str], tasks: list[str]
                     "total": record["params"].get("total"), "flops": cost.get("forward_flops"),
                     "throughput": cost.get("train_images_per_s"), "memory": cost.get("peak_memory_bytes"),
                 })
-    return pd.DataFrame(rows, columns=FRAME_COLUMNS)
+    return rows
 
 
 def _task_group(task: str) -> str:
@@ -81,14 +89,25 @@ def seeds_disagree(values: list[float], chance: float | None) -> str:
     return ""
 
 
-def summarize(frame: pd.DataFrame, methods: list[str], tasks: list[str], n_seeds: int) -> dict[str, Any]:
-    """Per (method, task): mean, std, n; group and overall means per method; cost per method."""
-    cells: dict[tuple[str, str], dict[str, float]] = {}
-    for (method, task), rows in frame.groupby(["method", "task"]):
-        values = rows["value"]
-        cells[(method, task)] = {"mean": float(values.mean()), "std": float(values.std(ddof=0)),
-                                 "n": int(values.size), "values": [float(v) for v in values],
-                                 "disagree": seeds_disagree([float(v) for v in values], chance_level(task))}
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def summarize(frame: pd.DataFrame | list[dict[str, Any]], methods: list[str], tasks: list[str],
+              n_seeds: int) -> dict[str, Any]:
+    """Per (method, task): mean, std, n; group and overall means per method; cost per method. ``frame``:
+    :func:`final_frame`'s frame or :func:`final_rows`' rows (the same numbers; rows need no pandas)."""
+    rows = frame if isinstance(frame, list) else frame.to_dict("records")
+    by_cell: dict[tuple[str, str], list[float]] = {}
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_cell.setdefault((row["method"], row["task"]), []).append(float(row["value"]))
+        by_method.setdefault(row["method"], []).append(row)
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for (method, task), values in sorted(by_cell.items()):
+        cells[(method, task)] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values),
+                                 "n": len(values), "values": values,
+                                 "disagree": seeds_disagree(values, chance_level(task))}
     groups: dict[str, list[str]] = {}
     for task in tasks:
         groups.setdefault(_task_group(task), []).append(task)
@@ -102,9 +121,11 @@ def summarize(frame: pd.DataFrame, methods: list[str], tasks: list[str], n_seeds
         if vals and len(vals) == len(tasks):
             means[(method, "mean")] = sum(vals) / len(vals)
     cost = {}
-    for method, rows in frame.groupby("method"):
-        cost[method] = {k: rows[k].dropna().mean() if rows[k].notna().any() else None
-                        for k in ("trainable", "head", "total", "flops", "throughput", "memory")}
+    for method, method_rows in sorted(by_method.items()):
+        cost[method] = {}
+        for k in ("trainable", "head", "total", "flops", "throughput", "memory"):
+            present = [float(r[k]) for r in method_rows if _present(r.get(k))]
+            cost[method][k] = statistics.fmean(present) if present else None
     return {"cells": cells, "groups": groups, "means": means, "cost": cost, "n_seeds": n_seeds,
             "methods": list(methods), "tasks": list(tasks)}
 
@@ -114,7 +135,7 @@ def suite_summary(suite: Suite, store: Store, methods: list[str] | None = None,
     """The summary a table (and a figure) is computed from: :func:`summarize` over the counted final records."""
     tasks = tasks or suite.tasks
     methods = methods or suite.methods
-    return summarize(final_frame(suite, store, methods, tasks), methods, tasks, len(suite.seeds))
+    return summarize(final_rows(suite, store, methods, tasks), methods, tasks, len(suite.seeds))
 
 
 #: the mark of a cell that differs from ``--compare``'s method beyond the seeds' noise
@@ -220,19 +241,30 @@ def cell_text(value: float, cell: dict[str, Any] | None, n_seeds: int, differs: 
 
 def build_table(suite: Suite, store: Store, methods: list[str] | None = None, tasks: list[str] | None = None,
                 fmt: str = "markdown", extra: tuple[str, ...] = ("params",), missing: list[str] | None = None,
-                compare: str | None = None, alpha: float = 0.05, reference: Comparison | None = None) -> str:
+                compare: str | None = None, alpha: float = 0.05, reference: Comparison | None = None,
+                layout: str = "wide", width: int | None = None) -> str:
     """The table as text. ``missing``, when given, receives the keys of the cells that have no value. ``compare``
     names a method: per task, the cells whose seeds differ from its seeds beyond their noise (Welch's t-test,
     p < ``alpha``) are marked ‡ with a footnote. ``reference`` adds the paper's number and our delta per cell: two
-    rows under each method (``↳ paper``, ``↳ Δ``), or ``<column>_paper`` / ``<column>_delta`` csv columns."""
-    import pandas as pd
+    rows under each method (``↳ paper``, ``↳ Δ``), or ``<column>_paper`` / ``<column>_delta`` csv columns.
+
+    Tasks are shown by their display names (:attr:`harness.api.Task.label`: VTAB's "Clevr-Count"), except in csv,
+    whose columns stay the registry's names (what scripts and ``harness.results`` key on). ``layout``: ``wide``
+    (a row per method, tasks as columns, as the papers print it) or ``long`` (a row per task, group means and cost,
+    a column per method: what fits a terminal when a suite has many tasks), or ``auto``: long when the wide table is
+    wider than ``width`` (None: no limit; LaTeX: wide); csv is always one row per method. In LaTeX's wide layout the
+    columns stand under their group's header (Natural / Specialized / Structured, as the paper's VTAB table), each
+    group's mean last in it."""
     from tabulate import tabulate
 
+    if layout not in (*LAYOUTS, "auto"):
+        from harness.errors import HarnessError
+        raise HarnessError(f"unknown layout '{layout}' (expected one of {', '.join(LAYOUTS)})")
     tasks = tasks or suite.tasks
     methods = methods or suite.methods
-    frame = final_frame(suite, store, methods, tasks)
-    s = summarize(frame, methods, tasks, len(suite.seeds))
-    footnotes = [f"† {m}/{t}: seeds disagree: {c['disagree']}" for (m, t), c in s["cells"].items() if c["disagree"]]
+    s = summarize(final_rows(suite, store, methods, tasks), methods, tasks, len(suite.seeds))
+    footnotes = [f"† {m}/{task_label(t)}: seeds disagree: {c['disagree']}" for (m, t), c in s["cells"].items()
+                 if c["disagree"]]
     if compare is not None and compare not in methods:
         from harness.errors import HarnessError
         raise HarnessError(f"--compare {compare}: not one of the table's methods ({', '.join(methods)}); "
@@ -257,6 +289,8 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
         if compare is not None:  # the footnote's content as columns: the CSV stays one table (the CLI prints it)
             for row in rows:
                 row.update({"compare": compare, "alpha": alpha})
+        import pandas as pd  # lazy: only csv needs it (its number formatting)
+
         return pd.DataFrame(rows).to_csv(index=False, float_format="%.4f")
 
     numeric, members = column_values(s, methods, ordered_tasks, group_cols)
@@ -274,14 +308,62 @@ def build_table(suite: Suite, store: Store, methods: list[str] | None = None, ta
         if reference is not None:
             rows += reference_rows(method, s, ordered_tasks, group_cols, paper,
                                    blank=_cost_columns(None, extra, numeric=False))
-    table = pd.DataFrame(rows)
+    columns = ["method", *numeric, *_cost_columns(None, extra, numeric=False)]
+    labels = column_labels(columns, s["groups"])
     if fmt == "latex":
-        return latex_table(table, footnotes)
+        return latex_table(rows, columns, labels, s["groups"], footnotes, "long" if layout == "long" else "wide")
     tablefmt = {"markdown": "pipe", "github": "github"}[fmt]
-    text = tabulate(table, headers="keys", tablefmt=tablefmt, showindex=False, disable_numparse=True)
+    text = tabulate([[row.get(c, "") for c in columns] for row in rows], headers=[labels[c] for c in columns],
+                    tablefmt=tablefmt, disable_numparse=True)
+    if layout == "long" or (layout == "auto" and width is not None and not wide_fits(text, width)):
+        header, body = long_rows(rows, columns, labels)
+        text = tabulate(body, headers=header, tablefmt=tablefmt, disable_numparse=True)
     if footnotes:
         text += "\n\n" + "\n".join(footnotes)
     return text
+
+
+#: ``--layout``: a row per method (the papers') or a row per task; ``auto`` (the CLI's default): ``long`` when the
+#: wide table would not fit the terminal
+LAYOUTS = ("wide", "long")
+
+
+def task_label(task: str) -> str:
+    """What a table, figure or report prints for a task: its display name (:attr:`harness.api.Task.label`), or the
+    name itself for a task the registry does not know."""
+    return TASKS.get(task).label if task in TASKS else task
+
+
+def column_labels(columns: list[str], groups: dict[str, list[str]]) -> dict[str, str]:
+    """Printed header per column: a task's display name (its registry name where two tasks would print the same),
+    the other columns as they are."""
+    tasks = [t for members in groups.values() for t in members]
+    shown = {t: task_label(t) for t in tasks}
+    clashes = {label for label in shown.values() if list(shown.values()).count(label) > 1}
+    return {c: (shown[c] if shown[c] not in clashes else c) if c in shown else c for c in columns}
+
+
+def long_rows(rows: list[dict[str, Any]], columns: list[str],
+              labels: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """The table turned a quarter: (header, body) with a row per value column (tasks, group means, mean, cost) and a
+    column per row of the wide table (each method; with ``--reference`` its '↳ paper' and '↳ Δ' rows become
+    '<method> paper' and '<method> Δ' columns)."""
+    names, owner = [], ""
+    for row in rows:
+        name = str(row["method"])
+        if name.startswith("↳ "):
+            name = f"{owner} {name[2:]}"
+        else:
+            owner = name
+        names.append(name)
+    header = ["task", *names]
+    body = [[labels[c], *[str(row.get(c, "")) for row in rows]] for c in columns[1:]]
+    return header, body
+
+
+def wide_fits(text: str, width: int) -> bool:
+    """Whether every line of a rendered table fits ``width`` columns."""
+    return max((len(line) for line in text.splitlines()), default=0) <= width
 
 
 #: LaTeX's special characters, and the table's own marks, as pdflatex reads them (no package beyond booktabs)
@@ -298,17 +380,77 @@ def latex_escape(text: str) -> str:
     return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def latex_table(table: pd.DataFrame, footnotes: list[str]) -> str:
-    """A booktabs tabular (\\usepackage{booktabs}); footnotes follow it as small text, for a table float."""
-    columns = [str(c) for c in table.columns]
-    lines = [f"\\begin{{tabular}}{{l{'c' * (len(columns) - 1)}}}", "\\toprule",
-             " & ".join(latex_escape(c) for c in columns) + r" \\", "\\midrule"]
-    for _, row in table.iterrows():
-        lines.append(" & ".join(latex_escape(str(v)) for v in row) + r" \\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
+def latex_table(rows: list[dict[str, Any]], columns: list[str], labels: dict[str, str],
+                groups: dict[str, list[str]], footnotes: list[str], layout: str = "wide") -> str:
+    """A booktabs tabular (\\usepackage{booktabs}); footnotes follow it as small text, for a table float.
+
+    Wide: with more than one group the columns stand under their group's header (``\\multicolumn`` over the
+    group's tasks and its mean, ``\\cmidrule`` under it: Natural / Specialized / Structured, as the paper's VTAB
+    table), then the overall mean and the cost columns. Long: a row per task under a group heading row, each
+    group's mean after its tasks, then the overall mean and the cost rows."""
+    grouped = [g for g in groups if g and len(groups) > 1]
+    mean_of = {f"{g} (mean)": g for g in grouped}
+    names = [str(r["method"]) for r in rows]
+    if layout == "long":
+        lines = [f"\\begin{{tabular}}{{l{'c' * len(rows)}}}", "\\toprule",
+                 " & ".join(["", *(latex_escape(n) for n in names)]) + r" \\", "\\midrule"]
+
+        def line(column: str, label: str) -> str:
+            return " & ".join([latex_escape(label), *(latex_escape(str(r.get(column, ""))) for r in rows)]) + r" \\"
+
+        for group in grouped:
+            title = latex_escape(group.capitalize())
+            lines.append(f"\\multicolumn{{{len(rows) + 1}}}{{l}}{{\\textit{{{title}}}}} \\\\")
+            lines += [line(t, labels[t]) for t in groups[group] if t in labels]
+            if f"{group} (mean)" in labels:
+                lines.append(line(f"{group} (mean)", "Mean"))
+            lines.append("\\midrule")
+        rest = [c for c in columns[1:] if c not in mean_of and not any(c in groups[g] for g in grouped)]
+        lines += [line(c, "Mean" if c == "mean" and grouped else labels[c]) for c in rest]
+        lines += ["\\bottomrule", "\\end{tabular}"]
+    else:
+        order = ["method"]
+        spans: list[tuple[str, int, int]] = []  # (group, first column, last column), 1-based as LaTeX counts
+        for group in grouped:
+            members = [t for t in groups[group] if t in columns] + [c for c in columns if mean_of.get(c) == group]
+            if members:
+                spans.append((group, len(order) + 1, len(order) + len(members)))
+                order += members
+        order += [c for c in columns if c not in order]
+        header = [latex_escape("Mean" if mean_of.get(c) or (c == "mean" and grouped) else labels[c]) for c in order]
+        header[0] = latex_escape(labels["method"])
+        lines = [f"\\begin{{tabular}}{{l{'c' * (len(order) - 1)}}}", "\\toprule"]
+        if spans:
+            cells, at = [], 1
+            for group, first, last in spans:
+                title = latex_escape(group.capitalize())
+                cells += [""] * (first - at) + [f"\\multicolumn{{{last - first + 1}}}{{c}}{{{title}}}"]
+                at = last + 1
+            cells += [""] * (len(order) + 1 - at)
+            lines.append(" & ".join(cells) + r" \\")
+            lines.append(" ".join(f"\\cmidrule(lr){{{first}-{last}}}" for _, first, last in spans))
+        lines += [" & ".join(header) + r" \\", "\\midrule"]
+        for row in rows:
+            lines.append(" & ".join(latex_escape(str(row.get(c, ""))) for c in order) + r" \\")
+        lines += ["\\bottomrule", "\\end{tabular}"]
     if footnotes:
         lines += ["", "\\smallskip", "{\\footnotesize"] + [latex_escape(f) + r"\par" for f in footnotes] + ["}"]
     return "\n".join(lines)
+
+
+def coverage_note(suite: Suite, store: Store, cells: int, missing: list[str]) -> str:
+    """One line for a table with missing cells (on stderr): how many of its ``cells`` have final records, where they
+    were looked for (the store's folder: the results folder, or a run's) and under which settings, and what to
+    run next. :func:`other_settings_hint` adds the records made under other settings, when there are some."""
+    where = store.root / suite.name
+    settings = override_flags(suite.overrides) or "the suite file's settings"
+    status = f"harness status --suite {suite.name}" + (f" {override_flags(suite.overrides)}"
+                                                         if suite.overrides else "")
+    if len(missing) == cells:
+        return (f"note: no final records for these {cells} cells of suite {suite.name} in {where} under "
+                f"{settings}; `{status}` shows each cell's progress, `harness run --suite {suite.name}` makes them")
+    return (f"note: {cells - len(missing)} of {cells} cells have final records in {where} under {settings}; "
+            f"– marks the {len(missing)} missing, `{status}` says why")
 
 
 def other_settings_hint(suite: Suite, store: Store, flags: str) -> str:

@@ -11,7 +11,6 @@ from typing import Any
 
 from harness.api import BuildContext, Method
 from harness.errors import HarnessError
-from methods.common import BackboneClassifier
 
 #: the official code's AdamW ignores the configured decay and uses this one (src/solver/optimizer.py)
 OFFICIAL_ADAMW_DECAY = 0.01
@@ -40,6 +39,8 @@ class FullFinetune(Method):
                            "(docs/protocol.md §4.4)")
 
     def build(self, backbone, num_classes: int, ctx: BuildContext):
+        from methods.common_model import BackboneClassifier  # torch, only where a model is built
+
         self.optimizer_for(ctx.hparams)  # an unknown choice is refused before any step
         for p in backbone.parameters():
             p.requires_grad_(True)

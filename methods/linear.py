@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harness.api import BuildContext, Method
-from methods.common import BackboneClassifier, freeze
+from methods.common import freeze
 
 
 class LinearProbe(Method):
@@ -20,5 +20,7 @@ class LinearProbe(Method):
     frozen_features = "pooled"
 
     def build(self, backbone, num_classes: int, ctx: BuildContext):
+        from methods.common_model import BackboneClassifier  # torch, only where a model is built
+
         freeze(backbone)
         return BackboneClassifier(backbone, num_classes, frozen_eval=bool(ctx.hparams.get("frozen_eval", True)))

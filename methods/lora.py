@@ -15,30 +15,14 @@ TOAST repo's behaviour (drop-path stays on).
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from harness.api import BuildContext, Method
 from harness.errors import HarnessError
-from methods.common import feature_dim, freeze, frozen_backbone, make_head
+from methods.common import freeze
 
-
-class LoRAClassifier(nn.Module):
-    """``head(backbone(x))`` where ``backbone`` carries peft LoRA adapters. With ``frozen_eval`` the backbone runs
-    in eval mode while training, except the adapters' own dropout."""
-
-    #: the adapters' dropout trains inside the frozen backbone (harness.loop.train_mode)
-    trains_in_frozen = ("lora_dropout",)
-
-    def __init__(self, backbone: nn.Module, num_classes: int, frozen_eval: bool = True):
-        super().__init__()
-        self.backbone = backbone
-        self.head = make_head(feature_dim(backbone), num_classes)
-        self.frozen_modules = frozen_backbone(frozen_eval)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
 
 
 def _target_modules(value: Any) -> list[str]:
@@ -64,6 +48,8 @@ class LoRA(Method):
 
     def build(self, backbone: nn.Module, num_classes: int, ctx: BuildContext) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model  # lazy: peft pulls in transformers (seconds)
+
+        from methods.lora_model import LoRAClassifier  # torch, only where a model is built
 
         hp = {**self.defaults, **ctx.hparams}
         targets = _target_modules(hp["target_modules"])

@@ -32,16 +32,23 @@ Settings (hyperparameters with defaults; a sweep may override them):
 from __future__ import annotations
 
 import warnings
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from harness.api import BuildContext, Method
 from harness.errors import HarnessError
 from methods.common import freeze
-from methods.toast_checkpoint import load_top_down
-from methods.toast_model import FEEDBACK_KINDS, TopDownViT, add_feedback_lora, train_top_down
 from methods.toast_pretune import DEFAULTS as PRETUNE_DEFAULTS
+
+# the model modules (torch, timm, peft) are imported where a model is built: reading records asks this module only
+# its declarations (grid, defaults, version)
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from methods.toast_model import TopDownViT
+
+#: the feedback spans' names (their meaning: :func:`methods.toast_model.feedback_span`): whole, from the middle
+#: block, into the upper half
+FEEDBACK_KINDS = ("full", "early", "late")
 
 #: docs/protocol.md §5.5: TOAST's ``tune_vtab.py --grid-search-type topdown``
 TOAST_GRID = {"lr": [1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01], "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
@@ -80,6 +87,8 @@ class ToastMethod(Method):
 
     def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any],
                    feedback: str | None = None) -> TopDownViT:
+        from methods.toast_model import TopDownViT
+
         hp = {**self.defaults, **hparams}
         freeze(backbone)
         return TopDownViT(backbone, num_classes, feedback=feedback or self.feedback,
@@ -94,6 +103,8 @@ class ToastMethod(Method):
     def _build(self, backbone, num_classes: int, ctx: BuildContext, feedback: str | None = None) -> TopDownViT:
         model = self.make_model(backbone, num_classes, ctx.hparams, feedback)
         if self.pretuned and not ctx.random_init:
+            from methods.toast_checkpoint import load_top_down
+
             path = ctx.resolve_artifact("toast-pretuned")
             report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")),
                                    hparams=ctx.hparams, method=self.name or "toast")
@@ -118,6 +129,8 @@ class ToastMethod(Method):
     def set_trainable(self, model: TopDownViT, hp: dict[str, Any]) -> None:
         """xi (with token selection), P (``train_P``) and the feedback path (unless the variant freezes them) and
         the head train (:func:`methods.toast_model.train_top_down`)."""
+        from methods.toast_model import train_top_down
+
         train_top_down(model, prompt=self.token_selection, transform=self.train_feedback and bool(hp["train_P"]),
                        feedback=self.train_feedback)
 
@@ -133,6 +146,8 @@ class ToastLite(ToastMethod):
 
     def set_trainable(self, model: TopDownViT, hp: dict[str, Any]) -> None:
         """The adapters go on the feedback path first; then TOAST's rule trains them instead of its weights."""
+        from methods.toast_model import add_feedback_lora
+
         add_feedback_lora(model, int(hp["lora_rank"]), float(hp["lora_alpha"]))
         super().set_trainable(model, hp)
 

@@ -30,7 +30,6 @@ from methods.common import freeze, frozen_backbone, make_head
 
 #: the top-down module's parameter names, as in the official checkpoints
 TOP_DOWN_KEYS = ("prompt", "top_down_transform", "decoders.")
-FEEDBACK_KINDS = ("full", "early", "late")
 
 
 class DecodeBlock(nn.Module):
@@ -50,7 +49,7 @@ def feedback_span(kind: str, depth: int) -> tuple[int, int]:
     middle = depth // 2
     spans = {"full": (depth, 0), "early": (middle, 0), "late": (depth, middle)}
     if kind not in spans:
-        raise ValueError(f"unknown feedback kind {kind!r} (expected one of {', '.join(FEEDBACK_KINDS)})")
+        raise ValueError(f"unknown feedback kind {kind!r} (expected one of {', '.join(spans)})")
     return spans[kind]
 
 

@@ -46,16 +46,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-import torch.nn.functional as F
-
 from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext, Method, data_identity
 from harness.errors import HarnessError, did_you_mean
-from methods.toast_checkpoint import top_down_state
-from methods.toast_model import TopDownViT, train_top_down
 
+# torch and the model modules are imported where they train: listing methods, validating a suite and reading
+# records import this module (the artifact's version, the pretune section's defaults) without torch
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from harness.api import FitResult
+    from methods.toast_model import TopDownViT
 
 #: the stage's version: bump it when a change alters the pre-tuned module. It is in the cache key (a new file is made)
 #: and, as the provider's ``version``, in the specs of the trials that load it (their older records become stale).
@@ -346,6 +346,9 @@ def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
     first pass runs whole) + ``var_loss_weight`` x the variational loss. Logs ce, var, acc and, when there is a
     whole first pass, acc_first (the bottom-up features with the same head, for comparison)."""
 
+    import torch
+    import torch.nn.functional as F
+
     def objective(model: TopDownViT, images: torch.Tensor, labels: torch.Tensor):
         out = model.forward_detailed(images, var_loss=var_loss_weight > 0)
         logits = model.head(out.features).float()
@@ -366,6 +369,10 @@ def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
 def pretune_optimizer(model: TopDownViT, cfg: dict[str, Any], method: Method) -> torch.optim.AdamW:
     """AdamW over what pre-tuning trains (xi, the feedback path, the upstream head, and P with ``train_P``:
     :func:`methods.toast_model.train_top_down`), decaying what the method's rule decays under AdamW."""
+    import torch
+
+    from methods.toast_model import train_top_down
+
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, param in train_top_down(model, transform=bool(cfg["train_P"])):
@@ -438,6 +445,8 @@ def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str,
     dataset, num_classes, fingerprint = pretune_dataset(cfg, data, backbone)
     model = toast.make_model(backbone, num_classes, {"v_bias_twice": bool(cfg["v_bias_twice"]),
                                                      "frozen_eval": cfg["frozen_eval"]})
+    import torch  # here, not at the top: the module's declarations are read without torch
+
     # the upstream head is thrown away: timm's ViT head init (trunc-normal 0.02, zero bias) starts it at chance
     # level instead of the downstream head's large kaiming init, so the first steps train the top-down module
     torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
@@ -514,6 +523,10 @@ def pretune_metadata(method: str, toast: TopDownMethod, key: str, backbone_spec:
 
 def _write_pretuned(output: Path, model: TopDownViT, meta: dict[str, Any]) -> None:
     """The torch file (atomically: temp file + rename) and its JSON sidecar."""
+    import torch
+
+    from methods.toast_checkpoint import top_down_state
+
     tmp = output.with_name(output.name + ".tmp")
     torch.save({"model": top_down_state(model), "harness": meta}, tmp)
     os.replace(tmp, output)

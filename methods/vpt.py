@@ -1,8 +1,8 @@
 """Visual Prompt Tuning (Jia et al. 2022), deep and shallow, on timm ViTs (docs/protocol.md §4.1).
 
-The ViT is not copied: :class:`PromptedViT` calls the timm model's own ``patch_embed``, ``_pos_embed``,
-``patch_drop``, ``norm_pre``, ``blocks`` and ``norm`` and inserts the prompt tokens itself, as official VPT's
-``PromptedTransformer`` does:
+The ViT is not copied: :class:`methods.vpt_model.PromptedViT` calls the timm model's own ``patch_embed``,
+``_pos_embed``, ``patch_drop``, ``norm_pre``, ``blocks`` and ``norm`` and inserts the prompt tokens itself, as
+official VPT's ``PromptedTransformer`` does:
 
 * p prompt tokens go right after the prefix tokens (CLS, and any register tokens): ``[CLS, (reg), P, patches]``.
   Prompts get no position embedding (they are inserted after ``_pos_embed``).
@@ -22,15 +22,13 @@ for shallow, since VPT's own per-task shallow lengths are only in an external sh
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from harness.api import BuildContext, Method, Task
-from harness.errors import HarnessError
-from methods.common import feature_dim, freeze, frozen_backbone, make_head
+from methods.common import freeze
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
 
 #: VPT-deep prompt lengths on VTAB-1k, keyed by the VTAB-1k folder name (docs/protocol.md §4.1)
 VTAB_PROMPT_LENGTH: dict[str, int] = {
@@ -58,71 +56,6 @@ def default_prompt_length(task: Task) -> int:
     return FAMILY_PROMPT_LENGTH.get(task.family, DEFAULT_PROMPT_LENGTH)
 
 
-def prompt_init_bound(patch_size: tuple[int, int], dim: int) -> float:
-    """VPT's "xavier uniform" bound sqrt(6 / (3 * patch_h * patch_w + d))."""
-    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
-
-
-class PromptedViT(nn.Module):
-    """A frozen timm ViT with VPT prompts and a linear head on the final-norm CLS token."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int, prompt_length: int, deep: bool,
-                 dropout: float = 0.0, frozen_eval: bool = True):
-        super().__init__()
-        missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm") if not hasattr(backbone, a)]
-        if missing:
-            raise HarnessError(f"VPT needs a timm VisionTransformer-style backbone; {type(backbone).__name__} "
-                               f"has no {', '.join(missing)}")
-        if getattr(backbone, "cls_token", None) is None:
-            raise HarnessError(f"VPT pools the CLS token, but backbone {type(backbone).__name__} has no class token")
-        if int(prompt_length) < 1:
-            raise HarnessError(f"VPT prompt_length must be >= 1, got {prompt_length}")
-        self.backbone = backbone
-        self.prompt_length = int(prompt_length)
-        self.deep = bool(deep)
-        self.frozen_modules = frozen_backbone(bool(frozen_eval))
-        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 1))
-        dim = feature_dim(backbone)
-        patch = tuple(getattr(backbone.patch_embed, "patch_size", (16, 16)))
-        bound = prompt_init_bound((int(patch[0]), int(patch[-1])), dim)
-        self.prompt_embeddings = nn.Parameter(torch.empty(1, self.prompt_length, dim))
-        nn.init.uniform_(self.prompt_embeddings, -bound, bound)
-        if self.deep:
-            depth = len(backbone.blocks)
-            self.deep_prompt_embeddings = nn.Parameter(torch.empty(max(0, depth - 1), self.prompt_length, dim))
-            nn.init.uniform_(self.deep_prompt_embeddings, -bound, bound)
-        self.prompt_dropout = nn.Dropout(float(dropout))
-        self.head = make_head(dim, num_classes)
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """timm's own embedding steps (patches, CLS/register tokens, position embedding, pre-norm)."""
-        bb = self.backbone
-        x = bb.patch_embed(images)
-        x = bb._pos_embed(x)
-        x = bb.patch_drop(x) if hasattr(bb, "patch_drop") else x
-        return bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
-
-    def _with_prompts(self, x: torch.Tensor, prompts: torch.Tensor, replace: bool) -> torch.Tensor:
-        n, p = self.num_prefix_tokens, self.prompt_length
-        prompts = self.prompt_dropout(prompts.expand(x.shape[0], -1, -1))
-        rest = x[:, n + p:] if replace else x[:, n:]
-        return torch.cat([x[:, :n], prompts, rest], dim=1)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm: ``[prefix, prompts, patches]``."""
-        x = self._with_prompts(self.embed(images), self.prompt_embeddings, replace=False)
-        for i, block in enumerate(self.backbone.blocks):
-            if self.deep and i > 0:
-                x = self._with_prompts(x, self.deep_prompt_embeddings[i - 1 : i], replace=True)
-            x = block(x)
-        return self.backbone.norm(x)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        cls = self.forward_features(images)[:, 0]
-        fc_norm = getattr(self.backbone, "fc_norm", None)
-        return self.head(fc_norm(cls) if fc_norm is not None else cls)
-
-
 class _VPT(Method):
     family = "prompt"
     optimizer = "sgd"
@@ -137,6 +70,8 @@ class _VPT(Method):
         return dict(self.defaults, prompt_length=default_prompt_length(task))
 
     def build(self, backbone: nn.Module, num_classes: int, ctx: BuildContext) -> nn.Module:
+        from methods.vpt_model import PromptedViT  # torch, only where a model is built
+
         hp = {**self.defaults, **ctx.hparams}
         freeze(backbone)
         return PromptedViT(backbone, num_classes, prompt_length=int(hp["prompt_length"]),

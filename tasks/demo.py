@@ -19,15 +19,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import TensorDataset
 
 from harness.api import (INCEPTION_MEAN, INCEPTION_STD, TASKS, ArtifactRequest, DataContext, Task,
                          file_lock)
 from harness.errors import HarnessError
+
+# torch is imported where images are made or trained on: the commands that read records ask this module only its
+# tasks' declarations (names, groups, classes)
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 SIZE = 32
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -69,6 +72,8 @@ def shape_mask(kind: str, cy: float, cx: float, r: float) -> np.ndarray:
 
 def smooth_noise(rng: np.random.Generator, scale: float = 0.25) -> np.ndarray:
     """A SIZE x SIZE x 3 smooth random background in [0, 1]."""
+    import torch
+
     coarse = rng.random((4, 4, 3)).astype(np.float32)
     up = torch.nn.functional.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None], size=(SIZE, SIZE),
                                          mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
@@ -168,6 +173,7 @@ def gen_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 handwritten digits (shipped with the package), upscaled to 32x32: dark ink on a light
     background, each in its own random tint (random ink/background polarity made the task mostly about colour:
     a linear probe reached 33% instead of 73%)."""
+    import torch
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -184,6 +190,7 @@ def gen_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def gen_textures(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random 32x32 crops (at 1/4 scale) of scikit-learn's two sample photos; class = photo x quadrant."""
+    import torch
     from sklearn.datasets import load_sample_images
 
     photos = [torch.from_numpy(p.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
@@ -231,6 +238,8 @@ def cached_arrays(cache_dir: Path, key: str, make) -> dict[str, np.ndarray]:
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 N x H x W x 3 -> float N x 3 x H x W, scaled to [0, 1] then normalised with the context's mean/std
     (the demo backbone's own: 0.5/0.5, so pixels land in [-1, 1])."""
+    import torch
+
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
     return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -240,6 +249,7 @@ class DemoTask(Task):
     family = "demo"
     splits = SPLITS
     deterministic_train = True  # generated tensors, no augmentation
+    reads_data = False  # generated (and cached), never read from a data root
 
     def __init__(self, name: str, group: str, num_classes: int, generator, total: int, seed: int):
         self.name, self.group, self.num_classes = name, group, num_classes
@@ -261,6 +271,9 @@ class DemoTask(Task):
         return len(range(*part.indices(self.total)))
 
     def dataset(self, split: str, ctx: DataContext, train: bool):
+        import torch
+        from torch.utils.data import TensorDataset
+
         arrays = self.arrays(ctx.cache_dir)
         sel = self.indices(split)
         images = normalize(arrays["images"][sel], ctx.mean, ctx.std)
@@ -322,6 +335,7 @@ def _pretrain_backbone(spec: dict[str, Any], cache_dir: Path, path: Path, progre
     """Supervised pre-training through the engine's one loop (``harness.api.fit``): AdamW, one warm-up epoch then
     cosine, the recipe in UPSTREAM."""
     import timm
+    import torch
 
     from harness.api import fit, pick_device, seed_everything, warmup_cosine
 

@@ -45,6 +45,10 @@ FGVC_TASKS: dict[str, tuple[str, str, int]] = {
     "fgvc-cars": ("Stanford-cars", "", 196),
 }
 
+#: the papers' short names (VPT's and TOAST's FGVC tables): tables, figures and reports show them
+FGVC_DISPLAY_NAMES: dict[str, str] = {"fgvc-cub": "CUB", "fgvc-nabirds": "NABirds", "fgvc-flowers": "Flowers",
+                                      "fgvc-dogs": "Dogs", "fgvc-cars": "Cars"}
+
 #: (train, val, test) sizes of VPT's splits as its appendix is commonly cited: for planning only (the compute
 #: estimate of `harness run --dry-run`), never checked against the data (docs/protocol.md §8: unverified)
 FGVC_PLANNING_SIZES: dict[str, tuple[int, int, int]] = {
@@ -81,6 +85,7 @@ class FgvcTask(ListTask):
 
     def __init__(self, name: str, folder: str, images: str, num_classes: int) -> None:
         self.name, self.folder, self.images, self.num_classes = name, folder, images, num_classes
+        self.display_name = FGVC_DISPLAY_NAMES.get(name, "")
         where = f"{folder}/{images}/<key>" if images else f"{folder}/<key>"
         self.layout_hint = f"VPT's FGVC layout: {folder}/{{train,val,test}}.json and the images at {where}"
         self._label_maps: dict[tuple, dict[int, int]] = {}

@@ -359,6 +359,7 @@ class SegTask(SegmentationTask):
 
 class VocTask(SegTask):
     name = "seg-voc"
+    display_name = "VOC"
     num_classes = 21
     planning_sizes = {"train": 1464, "val": 1449}  # VOC2012 segmentation (without the SBD augmentation)
     class_names = VOC_CLASSES
@@ -400,6 +401,7 @@ class VocTask(SegTask):
 
 class CityscapesTask(SegTask):
     name = "seg-cityscapes"
+    display_name = "Cityscapes"
     num_classes = 19
     planning_sizes = {"train": 2975, "val": 500}
     class_names = CITYSCAPES_CLASSES

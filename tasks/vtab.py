@@ -59,6 +59,14 @@ VTAB_TASKS: dict[str, tuple[int, str]] = {
     "smallnorb_azi": (18, "structured"),
     "smallnorb_ele": (9, "structured"),
 }
+#: the short names of the VTAB-1k table in the VPT and TOAST papers, by folder (tables, figures and reports show them)
+VTAB_DISPLAY_NAMES: dict[str, str] = {
+    "cifar": "Cifar", "caltech101": "Caltech101", "dtd": "DTD", "oxford_flowers102": "Flowers102",
+    "oxford_iiit_pet": "Pets", "svhn": "SVHN", "sun397": "Sun397", "patch_camelyon": "Camelyon", "eurosat": "EuroSAT",
+    "resisc45": "Resisc45", "diabetic_retinopathy": "Retinopathy", "clevr_count": "Clevr-Count",
+    "clevr_dist": "Clevr-Dist", "dmlab": "DMLab", "kitti": "KITTI", "dsprites_loc": "dSpr-Loc",
+    "dsprites_ori": "dSpr-Ori", "smallnorb_azi": "sNORB-Azim", "smallnorb_ele": "sNORB-Elev",
+}
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 VTAB_COUNTS: dict[str, int | None] = {"train800": 800, "val200": 200, "train800val200": 1000, "test": None}
 #: the full test splits' sizes as task_adaptation's TFDS splits give them: for planning only (the compute estimate
@@ -96,6 +104,7 @@ class VtabTask(ListTask):
     def __init__(self, folder: str, num_classes: int, group: str) -> None:
         self.folder, self.num_classes, self.group = folder, num_classes, group
         self.name = f"vtab-{folder}"
+        self.display_name = VTAB_DISPLAY_NAMES[folder]
         self.layout_hint = (f"the VTAB-1k export layout: {folder}/{{train800,val200,train800val200,test}}.txt "
                             f"and {folder}/images/<split>/")
 

@@ -22,3 +22,25 @@ def put(store, suite, method, task, values, trainable=1000):
     cell = Cell(method, task)
     for spec, value in zip(final_specs(suite, cell, fixed_hparams(suite, cell)), values):
         store.write(ok_record(spec, value, trainable))
+
+
+def complete_plan(store, suite, make_record=ok_record, seed=0):
+    """Every cell of ``suite``'s plan finished as ``harness run`` leaves it: each search trial's ok record (random
+    metrics), then the winner's finals. ``make_record(spec_dict, value)`` shapes a record. Returns how many were
+    written."""
+    import random
+
+    from harness.plan import plan_cells, search_specs, select_best
+
+    rng, written = random.Random(seed), 0
+    for cell in plan_cells(suite.methods, suite.tasks):
+        search = []
+        for spec in search_specs(suite, cell):
+            record = make_record(spec.to_dict(), rng.uniform(20, 90))
+            store.write(dict(record, spec=spec))
+            search.append(record)
+        hparams = select_best(search)["spec"]["hparams"] if search else fixed_hparams(suite, cell)
+        for spec in final_specs(suite, cell, hparams):
+            store.write(dict(make_record(spec.to_dict(), rng.uniform(20, 90)), spec=spec))
+        written += len(search) + len(suite.seeds)
+    return written

@@ -10,7 +10,7 @@ import torch
 
 from harness.attention import attention_maps, cls_attention, load_image
 from harness.backbone import build_backbone
-from methods.common import BackboneClassifier
+from methods.common_model import BackboneClassifier
 from methods.toast_model import TopDownViT
 from conftest import TINY_BACKBONE, TINY_PRETUNE
 

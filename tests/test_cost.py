@@ -166,7 +166,7 @@ def test_method_cost_falls_back_to_the_cpu() -> None:
             assert ctx.random_init
             if next(backbone.parameters()).is_meta:
                 raise RuntimeError("meta tensors hold no data")  # what a data-dependent init hits
-            from methods.common import BackboneClassifier
+            from methods.common_model import BackboneClassifier
 
             return BackboneClassifier(backbone, num_classes)
 

@@ -337,7 +337,7 @@ VIT_B = {"name": "vit_base_patch16_224", "weights": None}
 
 def meta_model(name: str, spec=VIT_B, num_classes: int = 100):
     """A method built on the meta device: parameter counts and FLOPs without memory or init time."""
-    from methods.common import BackboneClassifier
+    from methods.common_model import BackboneClassifier
 
     with torch.device("meta"):
         bb = build_backbone(spec)

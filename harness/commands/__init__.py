@@ -43,6 +43,25 @@ def add_suite_args(parser: argparse.ArgumentParser, overrides: bool = True) -> N
 
 
 def suite_from_args(args: argparse.Namespace) -> Suite:
+    suite = _load_suite_from_args(args)
+    if getattr(args, "data_root", None) is not None:
+        note_unused_data_root(suite, args.data_root)
+    return suite
+
+
+def note_unused_data_root(suite: Suite, data_root: str) -> None:
+    """Say on stderr that ``--data-root`` changes nothing when none of the suite's tasks reads data files (the
+    demo makes its own), instead of accepting it silently."""
+    import sys
+
+    from harness.api import TASKS
+
+    if not any(TASKS.get(name).reads_data for name in TASKS.match(suite.tasks)):
+        print(f"note: --data-root {data_root} is ignored: the tasks of suite {suite.name} read no data files "
+              "(they make their own)", file=sys.stderr)
+
+
+def _load_suite_from_args(args: argparse.Namespace) -> Suite:
     return load_suite(
         args.suite,
         epochs=getattr(args, "epochs", None),

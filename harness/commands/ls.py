@@ -50,6 +50,10 @@ def add_parser(sub) -> None:
     parser.set_defaults(func=main)
 
 
+#: backbone names already checked against timm in this process
+_CHECKED: set[str] = set()
+
+
 def _pick(names: list[str], pattern: str) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
@@ -97,8 +101,10 @@ def list_methods(pattern: str, args: argparse.Namespace | None = None) -> str:
 
 
 def _cost_row(method, args: argparse.Namespace) -> dict[str, Any]:
-    """Counts of one method on ``args.backbone``; a method that cannot build says why instead of failing."""
-    from harness.cost import method_cost
+    """Counts of one method on ``args.backbone`` (from the cost cache when counted before: :mod:`harness.cost_cache`);
+    a method that cannot build says why instead of failing."""
+    from harness.commands import cache_dir
+    from harness.cost_cache import cached_cost, cost_key, method_cost_cached
 
     num_classes, hparams = args.num_classes, {}
     if args.task:
@@ -107,9 +113,13 @@ def _cost_row(method, args: argparse.Namespace) -> dict[str, Any]:
     for key, value in parse_set(args.set).items():
         if key in method.defaults or key in hparams:
             hparams[key] = value
+    spec = {"name": args.backbone, "weights": None}
+    key = cost_key(method, spec, num_classes, hparams, args.image_size, not args.no_flops)
+    if cached_cost(cache_dir(), key) is None:
+        _check_backbone(args.backbone)  # an unknown name is one clear error (importing timm: on a miss only)
     try:
-        cost = method_cost(method, {"name": args.backbone, "weights": None}, num_classes, hparams=hparams,
-                           image_size=args.image_size, flops=not args.no_flops)
+        cost = method_cost_cached(method, spec, num_classes, cache_dir(), hparams=hparams,
+                                  image_size=args.image_size, flops=not args.no_flops)
     except Exception as err:  # noqa: BLE001 - one broken method must not hide the others
         message = " ".join(str(err).split())
         row = {"# trainable (M)": f"cannot build: {type(err).__name__}: {message[:120]}", "head (M)": "",
@@ -125,6 +135,9 @@ def _cost_row(method, args: argparse.Namespace) -> dict[str, Any]:
 def _check_backbone(name: str) -> None:
     import timm
 
+    if name in _CHECKED:
+        return
+    _CHECKED.add(name)
     if not timm.is_model(name):
         raise UnknownNameError("timm backbone", name, timm.list_models())
 
@@ -133,7 +146,7 @@ def list_tasks(pattern: str) -> str:
     rows = []
     for name in _pick(TASKS.names(), pattern):
         t = TASKS.get(name)
-        rows.append({"task": name, "version": t.version, "family": t.family, "group": t.group,
+        rows.append({"task": name, "display": t.label, "version": t.version, "family": t.family, "group": t.group,
                      "classes": t.num_classes, "metric": t.metric, "splits": ", ".join(t.splits)})
     return tabulate(rows, headers="keys", tablefmt="simple")
 
@@ -159,7 +172,6 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "backbone", None):
         if args.what != "methods":
             raise HarnessError("--backbone goes with 'harness ls methods'")
-        _check_backbone(args.backbone)
         if args.task:
             TASKS.get(args.task)  # an unknown task is one clear error, not one per row
     parts = {"methods": lambda p: list_methods(p, args), "tasks": list_tasks, "suites": list_suites}
