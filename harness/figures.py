@@ -57,7 +57,7 @@ def task_bars(summary: dict[str, Any], methods: list[str] | None = None, tasks: 
     error bar. A missing cell leaves its slot empty ("–"); a cell with fewer seeds than the protocol's is hatched.
     Each panel's y axis is zoomed to its bars (methods often differ by a point or two), starting at 0 only when
     the values come near it. A bar's height is exactly the table's cell mean."""
-    from harness.table import task_label  # the paper's short names (VTAB's Clevr-Count)
+    from harness.table_render import task_label  # the paper's short names (VTAB's Clevr-Count)
 
     methods, tasks = _methods(summary, methods), _tasks(summary, tasks)
     colours, cells, n_seeds = _colours(methods), summary["cells"], summary.get("n_seeds") or 0

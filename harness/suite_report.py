@@ -59,7 +59,7 @@ def _csv_table(text: str) -> str:
 def _header(column: str) -> str:
     """A csv column as the page shows it: a task's columns by its display name (``vtab-dtd_std`` -> ``DTD std``)."""
     from harness.api import TASKS
-    from harness.table import task_label
+    from harness.table_render import task_label
 
     name, _, part = column.partition("_")
     while name not in TASKS and part:  # task names may hold '_' (vtab-clevr_count)
@@ -111,7 +111,7 @@ def curves_figure(suite: Suite, store: Store, methods: list[str], tasks: list[st
     """Small multiples: one panel per cell (rows methods, columns tasks), the evaluation metric per epoch of each
     counted final trial (one line per seed). None when no final has a curve."""
     from harness.figures import new_figure
-    from harness.table import task_label
+    from harness.table_render import task_label
 
     finals = {(m, t): cell_state(suite, Cell(m, t), store, stale=False).final_records for m in methods for t in tasks}
     if not any(r.get("curve") for records in finals.values() for r in records):
@@ -140,7 +140,7 @@ def search_figure(suite: Suite, store: Store, method: str, task: str) -> Any | N
     from matplotlib.patches import Rectangle
 
     from harness.figures import new_figure
-    from harness.table import task_label
+    from harness.table_render import task_label
 
     state = cell_state(suite, Cell(method, task), store, stale=False)
     points = [(s.spec.hparams.get("lr"), s.spec.hparams.get("weight_decay"), s) for s in state.search]
@@ -179,7 +179,8 @@ def suite_page(suite: Suite, store: Store, methods: list[str], tasks: list[str],
     """The page (see the module docstring); ``source`` says where the records were read (results folder, run)."""
     from harness.figures import task_bars, tradeoff
     from harness.reference import Comparison
-    from harness.table import build_table, suite_summary, task_label
+    from harness.table import build_table, suite_summary
+    from harness.table_render import task_label
 
     esc = html.escape
     summary = suite_summary(suite, store, methods, tasks)

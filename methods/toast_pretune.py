@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -46,8 +45,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext, Method, data_identity
+from harness.api import ARTIFACTS, METHODS, TASKS, ArtifactRequest, DataContext, data_identity
 from harness.errors import HarnessError, did_you_mean
+from methods.toast_pretune_train import epoch_summary, pretune_model
 
 # torch and the model modules are imported where they train: listing methods, validating a suite and reading
 # records import this module (the artifact's version, the pretune section's defaults) without torch
@@ -328,94 +328,6 @@ def pretune_dataset(cfg: dict[str, Any], data: DataContext,
     if cfg["split"] not in task.splits:
         raise HarnessError(f"pretune.split: task {task.name} has splits {', '.join(task.splits)}, not '{cfg['split']}'")
     return task.dataset(cfg["split"], data, train=True), task.num_classes, task.fingerprint(cfg["split"], data)
-
-
-# ---------------------------------------------------------------------------------------------------- training
-def lr_at(step: int, total: int, warmup: int, cooldown: int, lr: float, min_lr: float) -> float:
-    """Per-step DeiT-like schedule: linear warm-up, cosine down to ``min_lr``, then ``min_lr`` for the cool-down."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    decay = max(1, total - cooldown - warmup)
-    if step >= warmup + decay:
-        return min_lr
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / decay))
-
-
-def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
-    """The stage's objective for ``harness.api.fit``: CE (the mean of both passes' CE when ``first_pass_ce`` and the
-    first pass runs whole) + ``var_loss_weight`` x the variational loss. Logs ce, var, acc and, when there is a
-    whole first pass, acc_first (the bottom-up features with the same head, for comparison)."""
-
-    import torch
-    import torch.nn.functional as F
-
-    def objective(model: TopDownViT, images: torch.Tensor, labels: torch.Tensor):
-        out = model.forward_detailed(images, var_loss=var_loss_weight > 0)
-        logits = model.head(out.features).float()
-        ce = F.cross_entropy(logits, labels)
-        logs: dict[str, float] = {"acc": (logits.argmax(1) == labels).float().mean().item()}
-        if out.first_features is not None:
-            first_logits = model.head(out.first_features).float()
-            logs["acc_first"] = (first_logits.argmax(1) == labels).float().mean().item()
-            if first_pass_ce:
-                ce = 0.5 * (ce + F.cross_entropy(first_logits, labels))
-        var = out.var_loss.float() if out.var_loss is not None else torch.zeros((), device=images.device)
-        logs.update(ce=ce.item(), var=var.item())
-        return ce + var_loss_weight * var, logs
-
-    return objective
-
-
-def pretune_optimizer(model: TopDownViT, cfg: dict[str, Any], method: Method) -> torch.optim.AdamW:
-    """AdamW over what pre-tuning trains (xi, the feedback path, the upstream head, and P with ``train_P``:
-    :func:`methods.toast_model.train_top_down`), decaying what the method's rule decays under AdamW."""
-    import torch
-
-    from methods.toast_model import train_top_down
-
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, param in train_top_down(model, transform=bool(cfg["train_P"])):
-        (decay if method.decays(name, param, "adamw") else no_decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=float(cfg["lr"]))
-
-
-def pretune_model(model: TopDownViT, loader, cfg: dict[str, Any], device: str = "cpu", progress: bool = True,
-                  desc: str = "pre-tuning TOAST", checkpoint: Path | None = None,
-                  generator: torch.Generator | None = None, method: Method | None = None,
-                  world: Any = None) -> "FitResult":
-    """Train the top-down module of ``model`` (a TopDownViT with an upstream head, on ``device``) in place through
-    ``harness.api.fit``; the result's history has one entry per epoch (means of ce, var, acc, acc_first). With
-    ``checkpoint``, an interrupted run resumes from its last finished epoch (pass the loader's ``generator`` so the
-    shuffling resumes too). ``method`` (default ``toast``) gives the decay rule. A non-finite loss is a
-    HarnessError. ``world``: the data-parallel ranks (``loader`` is then this rank's part of each global batch)."""
-    from harness.api import fit
-
-    lr = float(cfg["lr"])
-    if not lr > 0:
-        raise HarnessError(f"pretune.lr: expected a positive learning rate, got {cfg['lr']!r}")
-    optimizer = pretune_optimizer(model, cfg, method or METHODS.get("toast"))
-    epochs, steps_per_epoch = int(cfg["epochs"]), len(loader)
-    total = epochs * steps_per_epoch
-    warmup, cooldown = int(cfg["warmup_epochs"]) * steps_per_epoch, int(cfg["cooldown_epochs"]) * steps_per_epoch
-    min_lr = float(cfg["min_lr"])
-    result = fit(model, loader, optimizer, epochs=epochs,
-                 objective=pretune_objective(float(cfg["var_loss_weight"]), bool(cfg["first_pass_ce"])),
-                 lr_factor=lambda step: lr_at(step, total, warmup, cooldown, lr, min_lr) / lr, per_step=True,
-                 device=device, amp=bool(cfg.get("amp", True)), generator=generator, checkpoint=checkpoint,
-                 progress=desc if progress else None, **({"world": world} if world is not None else {}))
-    if result.status != "ok":
-        epoch = result.history[-1]["epoch"] if result.history else 1
-        raise HarnessError(f"pre-tuning diverged in epoch {epoch} (non-finite loss; learning rate "
-                           f"{result.history[-1]['lr'] if result.history else lr:.3g}); lower pretune.lr (now {lr})")
-    return result
-
-
-def epoch_summary(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-epoch means, rounded, of what the pre-tuning logs (plus its learning rate at the epoch's start)."""
-    keys = ("ce", "var", "acc", "acc_first", "lr")
-    return [{"epoch": h["epoch"], **{k: round(float(h[k]), 6) for k in keys if k in h}} for h in history]
 
 
 def run_pretune(backbone_spec: dict[str, Any], cfg: dict[str, Any], method: str, output: Path, *,

@@ -11,7 +11,8 @@ import pytest
 
 from harness.store import Store
 from harness.sweep import load_suite
-from harness.table import build_table, latex_escape
+from harness.table import build_table
+from harness.table_render import latex_escape
 from records import put
 
 DOCUMENT = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n%s\n\\end{document}\n"

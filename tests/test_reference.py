@@ -193,12 +193,12 @@ def test_table_reference_adds_the_paper_and_delta(make_suite, tmp_path, capsys):
     labels = [r[0] for r in body]
     assert labels == ["linear", "↳ paper", "↳ Δ", "finetune", "↳ paper", "↳ Δ"]
     linear_paper, linear_delta = body[1], body[2]
-    assert linear_paper[col["fgvc-cub"]] == "76.8" and linear_delta[col["fgvc-cub"]] == "+2.2"  # 79.0 - 76.8
+    assert linear_paper[col["CUB"]] == "76.8" and linear_delta[col["CUB"]] == "+2.2"  # 79.0 - 76.8
     assert linear_paper[col["mean"]] == "72.8"  # all five tasks: the paper's Avg is comparable
     assert linear_delta[col["mean"]] == f"{(79 + 50 + 80 + 97 + 60) / 5 - 72.8:+.1f}"
     finetune_paper, finetune_delta = body[4], body[5]
-    assert finetune_paper[col["fgvc-cars"]] == "83.2" and finetune_delta[col["fgvc-cars"]] == "+1.0"
-    assert finetune_delta[col["fgvc-cub"]] == "–" and finetune_paper[col["fgvc-cub"]] == "80.5"  # no record: no Δ
+    assert finetune_paper[col["Cars"]] == "83.2" and finetune_delta[col["Cars"]] == "+1.0"
+    assert finetune_delta[col["CUB"]] == "–" and finetune_paper[col["CUB"]] == "80.5"  # no record: no Δ
     assert finetune_paper[col["# params (M)"]] == "87"  # Table 11's '# Params'
     assert "toast-paper Tables 1, 11" in out or "toast-paper Table 1" in out
 

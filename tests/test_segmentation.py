@@ -279,7 +279,7 @@ def test_four_methods_end_to_end_to_the_table(tree, tmp_path, capsys):
     capsys.readouterr()
     assert main(["table", *args]) == 0
     table = capsys.readouterr().out
-    assert "seg-voc" in table and "seg-cityscapes" in table
+    assert "| VOC " in table and "| Cityscapes " in table  # the tasks' display names
     for method in ("finetune", "vpt-deep", "lora", "toast"):
         row = next(line for line in table.splitlines() if line.startswith(f"| {method} "))
         assert "–" not in row

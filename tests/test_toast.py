@@ -147,7 +147,8 @@ def test_frozen_eval_setting_controls_drop_path():
 
 
 def test_variational_loss_decreases_during_pretuning():
-    from methods.toast_pretune import DEFAULTS, pretune_model
+    from methods.toast_pretune import DEFAULTS
+    from methods.toast_pretune_train import pretune_model
 
     model = TopDownViT(backbone(), 4)
     x, y = images(32, seed=3), torch.arange(32) % 4

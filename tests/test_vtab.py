@@ -176,7 +176,7 @@ def test_protocol_end_to_end_and_table(tmp_path, capsys):
     capsys.readouterr()
     assert main(["table", *args]) == 0
     table = capsys.readouterr().out
-    assert "vtab-dtd" in table and "vtab-dsprites_loc" in table and "linear" in table
+    assert "| DTD " in table and "| dSpr-Loc " in table and "linear" in table  # the paper's short names
     row = next(line for line in table.splitlines() if "linear" in line)
     assert "–" not in row  # both cells filled
 

@@ -8,7 +8,8 @@ import sys
 from harness.commands import add_suite_args, formatter, store_from_args, suite_from_args
 from harness.errors import HarnessError
 from harness.plan import select_names
-from harness.table import EXTRA_COLUMNS, FORMATS, LAYOUTS
+from harness.table import EXTRA_COLUMNS, FORMATS
+from harness.table_render import LAYOUTS
 
 EXAMPLES = """\
 examples:
