@@ -307,6 +307,19 @@ class Task(abc.ABC):
         """(height, width) of a training input (for cost accounting)."""
         return (ctx.image_size, ctx.image_size)
 
+    # -- the decoded-input cache (harness/decoded.py) ---------------------------------------------------------------
+    def decoded_dataset(self, split: str, ctx: DataContext, train: bool) -> "torch.utils.data.Dataset | None":
+        """Items ``(uint8 3 x H x W tensor at the input size, int label)``: the split's inputs before scaling and
+        normalisation, where :meth:`dataset` gives exactly ``(x / 255 - mean) / std`` of them in float32 with
+        :meth:`input_normalization`'s statistics. The engine caches them decoded, memory-mapped, and normalises
+        on the device; it caches a training split only when :attr:`deterministic_train`. None (default): the task's
+        inputs are not cached decoded."""
+        return None
+
+    def input_normalization(self, ctx: DataContext) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel that :meth:`dataset` normalises with (default: the context's, ``data.normalize``)."""
+        return tuple(ctx.mean), tuple(ctx.std)
+
     def __repr__(self) -> str:
         return f"<task {self.name}>"
 

@@ -109,6 +109,8 @@ class FitResult:
     train_seconds: float = 0.0
     memory: dict[str, Any] = field(default_factory=dict)
     resumed_from: int = 0  # the epoch a checkpoint resumed from (0: started fresh)
+    #: wall seconds by part: ``data`` (waiting for batches), ``steps``, ``evaluation``, ``checkpoints``
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float | None:
@@ -206,6 +208,9 @@ class EpochTotals:
     loss: float = 0.0
     logs: dict[str, float] = field(default_factory=dict)
     diverged: bool = False
+    #: wall seconds this rank waited for batches (loading, moving them to the device) and spent in steps
+    data_s: float = 0.0
+    step_s: float = 0.0
 
     def means(self) -> dict[str, float]:
         """``train_loss`` and each log as per-image means (the epoch's entry in the history)."""
@@ -237,6 +242,7 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
     # modules that adapt themselves as they train (harness.api.Method: after_optimizer_step), wherever they sit in
     # the model (a segmentation wrapper, the frozen-feature cache's wrapper hold the method's model inside)
     after_step = [hook for m in model.modules() if callable(hook := getattr(m, "after_optimizer_step", None))]
+    clock = time.perf_counter()
     for batch in loader:
         if max_steps is not None and totals.steps >= max_steps:
             break
@@ -244,6 +250,9 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         if labels is not None:
             images = to_device(images, device)
             labels = labels.to(device, non_blocking=True)
+        now = time.perf_counter()
+        totals.data_s += now - clock
+        clock = now
         with memory.step(model, optimizer):
             loss, logs, finite = train_step(model, optimizer, objective, images, labels, device, amp, world)
         if not finite:
@@ -261,6 +270,9 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         totals.seen += n
         for key, value in logs.items():
             totals.logs[key] = totals.logs.get(key, 0.0) + float(value) * n
+        now = time.perf_counter()  # the step's time ends where the loss is read (it waits for the device)
+        totals.step_s += now - clock
+        clock = now
     return totals
 
 
@@ -315,6 +327,8 @@ def fit(
                                      world=world).summed(world)
                 steps = totals.steps
                 result.train_seconds += time.perf_counter() - t0
+                _add(result.phases, "data", totals.data_s)
+                _add(result.phases, "steps", totals.step_s)
                 result.train_images += totals.seen
                 entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
                 if max_steps is not None:
@@ -327,7 +341,9 @@ def fit(
                     break
                 entry.update(totals.means())
                 if evaluate is not None and (last or (epoch + 1) % max(1, evaluate_every) == 0):
+                    t_eval = time.perf_counter()
                     entry.update(evaluate(model))
+                    _add(result.phases, "evaluation", time.perf_counter() - t_eval)
                 result.history.append(entry)
                 if not per_step:
                     scheduler.step()
@@ -336,8 +352,10 @@ def fit(
                 if last:
                     break
                 if checkpoint is not None and (epoch + 1) % checkpoint_every == 0:
+                    t_save = time.perf_counter()
                     _save_checkpoint(checkpoint, epoch + 1, result.history, model, optimizer, scheduler, generator,
                                      world)
+                    _add(result.phases, "checkpoints", time.perf_counter() - t_save)
         result.memory = memory.result()
     finally:
         if bar is not None:
@@ -345,6 +363,10 @@ def fit(
     if checkpoint is not None and world.main and checkpoint.exists():
         checkpoint.unlink()
     return result
+
+
+def _add(phases: dict[str, float], name: str, seconds: float) -> None:
+    phases[name] = phases.get(name, 0.0) + seconds
 
 
 def _save_checkpoint(path: Path, epoch: int, history: list, model: nn.Module, optimizer, scheduler,

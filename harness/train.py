@@ -232,21 +232,28 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     lr = base_lr * batch_size / 256 if train_cfg.get("lr_scaling", "none") == "batch/256" else base_lr
     amp = bool(train_cfg.get("amp", True))
 
+    clock = PhaseClock()
     dctx = env.data_context(spec)
     generator = torch.Generator().manual_seed(spec.seed)
     train_loader, eval_loader = _loaders(spec, task, dctx, device, generator, full_batches=iters is not None)
     data_fingerprint = {s: task.fingerprint(s, dctx) for s in (spec.train_split, spec.eval_split)}
     epochs, lr_factor, per_step = _schedule(train_cfg, method, iters, len(train_loader))
+    clock.mark("data_setup")
 
     steps = iters if iters is not None else epochs * len(train_loader)
     model = sync_batchnorm(build_model(spec, env, train_steps=steps), world).to(device)
     if world.rank > 0:  # dropout and augmentation draw differently per rank (rank 0 draws as one process does)
         seed_everything(spec.seed + 1_000_003 * world.rank)
+    clock.mark("model_build")
     params = parameter_counts(model)
     flops = forward_flops(model, task.input_size(dctx), device)
+    clock.mark("cost_accounting")
     optimizer = make_optimizer(method, model, lr, hp, train_cfg)
     fit_model, loaders, feature_cache = _on_frozen(spec, env, method, task, model, dctx, data_fingerprint,
                                                    {"train": train_loader, "eval": eval_loader}, amp)
+    fit_model, loaders, decoded_cache = _on_decoded(spec, env, task, fit_model, dctx, data_fingerprint, loaders,
+                                                    feature_cache == "used")
+    clock.mark("feature_cache")
     own_eval = world.distributed and kinds.own_evaluation(task)  # not split: rank 0 scores the whole split
     whole_eval = loaders["eval"]
     train_loader = shard_loader(loaders["train"], world, train=True)
@@ -270,6 +277,11 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
                  progress=f"{spec.method}/{spec.task} {spec.stage}" if progress else None,
                  max_steps=iters,
                  evaluate_every=epochs if iters is not None else int(train_cfg.get("eval_every", 1)), world=world)
+    fit_seconds = clock.mark("fit")
+    clock.seconds.pop("fit")
+    for name, seconds in result.phases.items():
+        clock.seconds[name] = seconds
+    clock.seconds["loop_other"] = max(0.0, fit_seconds - sum(result.phases.values()))
     curve = result.history
     status = result.status
     out: dict[str, Any] = {
@@ -286,8 +298,11 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
         "data_fingerprint": data_fingerprint,
         "weights_fingerprint": _weights_fingerprint(spec, env),
         "feature_cache": feature_cache,
+        "decoded_cache": decoded_cache,
         "distributed": world.describe(batch_size),
     }
+    clock.mark("record")
+    out["cost"]["phases_s"] = clock.rounded()
     settings = getattr(model, "checkpoint_settings", None)
     if settings:  # settings a loaded checkpoint brought with it (e.g. TOAST's v_bias_twice)
         out["checkpoint_settings"] = dict(settings)
@@ -296,6 +311,25 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
     if env.keep_weights and status == "ok" and world.main:
         out["weights_file"] = str(_save_trained_weights(spec, env, model))
     return out
+
+
+class PhaseClock:
+    """Wall seconds of a trial's parts (``cost.phases_s``): :meth:`mark` ends the part running since the last
+    mark (or the start) under ``name`` and returns its seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def mark(self, name: str) -> float:
+        now = time.perf_counter()
+        spent = now - self.t
+        self.seconds[name] = self.seconds.get(name, 0.0) + spent
+        self.t = now
+        return spent
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(seconds, 4) for name, seconds in self.seconds.items()}
 
 
 def _loaders(spec: TrialSpec, task: Task, dctx: DataContext, device: str, generator: torch.Generator,
@@ -349,6 +383,31 @@ def _on_frozen(spec: TrialSpec, env: TrialEnv, method: Method, task: Task, model
                 model, loaders, _feature_keys(spec, env, method, task, model, dctx, data_fingerprint, amp),
                 env.cache_dir, env.device, amp, storage_dtype(spec.train), env.progress)
             return on_frozen, cached, "used"
+        except CacheRefused as refused:
+            reason = str(refused)
+    return model, loaders, f"off: {reason}"
+
+
+def _on_decoded(spec: TrialSpec, env: TrialEnv, task: Task, model: nn.Module, dctx: DataContext,
+                data_fingerprint: dict[str, str], loaders: dict[str, DataLoader],
+                frozen_cached: bool) -> tuple[nn.Module, dict[str, DataLoader], str]:
+    """(the model to fit, its loaders, the record's ``decoded_cache``): the task's inputs served decoded from
+    :mod:`harness.decoded` where it allows (not needed where the frozen-computation cache serves)."""
+    from harness import decoded
+
+    reason = "the frozen-computation cache serves" if frozen_cached else decoded.refusal(task, spec.train,
+                                                                                           env.feature_cache)
+    if reason is None and not all(data_fingerprint.values()):
+        reason = f"task {task.name} gives no data fingerprint"
+    if reason is None:
+        versions = without_unversioned({"task_version": spec.task_version})
+        splits = {"train": spec.train_split, "eval": spec.eval_split}
+        keys = {name: {"task": task.name, **versions, "split": split, "train": name == "train",
+                       "data": data_fingerprint[split], "image_size": dctx.image_size, "settings": dctx.settings,
+                       "data_root": str(dctx.data_root)} for name, split in splits.items()}
+        try:
+            return decoded.decoded_loaders(model, task, dctx, splits, loaders, keys, env.cache_dir,
+                                           env.progress and env.world.main)
         except CacheRefused as refused:
             reason = str(refused)
     return model, loaders, f"off: {reason}"

@@ -279,6 +279,16 @@ class DemoTask(Task):
         images = normalize(arrays["images"][sel], ctx.mean, ctx.std)
         return TensorDataset(images, torch.from_numpy(arrays["labels"][sel].copy()))
 
+    def decoded_dataset(self, split: str, ctx: DataContext, train: bool):
+        """The generated uint8 images as 3 x H x W tensors, before :func:`normalize`."""
+        import torch
+        from torch.utils.data import TensorDataset
+
+        arrays = self.arrays(ctx.cache_dir)
+        sel = self.indices(split)
+        images = torch.from_numpy(np.ascontiguousarray(arrays["images"][sel])).permute(0, 3, 1, 2)
+        return TensorDataset(images, torch.from_numpy(arrays["labels"][sel].copy()))
+
     def fingerprint(self, split: str, ctx: DataContext) -> str:
         text = json.dumps([self.name, self.seed, self.total, DATA_VERSION, split])
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -305,6 +305,19 @@ class ListTask(Task):
         return path, self.image_dir(root), entries
 
     def dataset(self, split: str, ctx: DataContext, train: bool):
+        return ImageListDataset(self.items(split, ctx), self.transform(ctx, train))
+
+    def decoded_transform(self, ctx: DataContext, train: bool) -> Callable | None:
+        """The split's transform up to the uint8 3 x H x W tensor that :meth:`transform` then scales by 1/255 and
+        normalises with :meth:`input_normalization` (the decoded-input cache's items); None: no such split."""
+        return None
+
+    def decoded_dataset(self, split: str, ctx: DataContext, train: bool):
+        transform = self.decoded_transform(ctx, train)
+        return None if transform is None else ImageListDataset(self.items(split, ctx), transform)
+
+    def items(self, split: str, ctx: DataContext) -> list[tuple[Path, int, str]]:
+        """(image path, label, where it is listed) of each entry of ``split``."""
         problem = self.settings_problem(ctx)
         if problem:
             raise HarnessError(self._prefix() + problem)
@@ -317,7 +330,7 @@ class ListTask(Task):
                 raise HarnessError(f"{self._prefix()}{path}:{entry.line}: label {entry.label} outside "
                                    f"[0, {self.num_classes})")
             items.append((image_dir / entry.path, label, f"{path}:{entry.line}"))
-        return ImageListDataset(items, self.transform(ctx, train))
+        return items
 
     def fingerprint(self, split: str, ctx: DataContext) -> str:
         """sha256 (first 16 hex digits) of the split file's bytes: the list defines the split's content."""

@@ -168,15 +168,28 @@ class VtabTask(ListTask):
         """The same transform for train and eval: VTAB uses no augmentation (docs/protocol.md §7.3)."""
         from torchvision import transforms as T
 
-        resize, interpolation, crop, pinned = PREPROCESS[ctx.settings.get("preprocess", "vpt")]
-        mean, std = pinned if pinned is not None else (ctx.mean, ctx.std)
+        return T.Compose([*self._geometry(ctx), T.ToTensor(), T.Normalize(*self.input_normalization(ctx))])
+
+    def decoded_transform(self, ctx: DataContext, train: bool) -> Callable:
+        """:meth:`transform` up to the resized uint8 image (the decoded-input cache's items)."""
+        from torchvision import transforms as T
+
+        return T.Compose([*self._geometry(ctx), T.PILToTensor()])
+
+    def input_normalization(self, ctx: DataContext) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        pinned = PREPROCESS[ctx.settings.get("preprocess", "vpt")][3]
+        return pinned if pinned is not None else (tuple(ctx.mean), tuple(ctx.std))
+
+    def _geometry(self, ctx: DataContext) -> list[Callable]:
+        from torchvision import transforms as T
+
+        resize, interpolation, crop, _pinned = PREPROCESS[ctx.settings.get("preprocess", "vpt")]
         size = ctx.image_size
         mode = getattr(T.InterpolationMode, interpolation.upper())
         steps = [T.Resize((size, size) if resize == "square" else size, interpolation=mode)]
         if crop:
             steps.append(T.CenterCrop(size))
-        steps += [T.ToTensor(), T.Normalize(mean, std)]
-        return T.Compose(steps)
+        return steps
 
 
 def _is_int(text: str) -> bool:

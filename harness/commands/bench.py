@@ -29,6 +29,8 @@ examples:
   harness bench --grid --suite demo --task demo-digits       # a linear search end to end, with/without the cache
   harness bench --grid --full-grid                           # ... over the linear probe's whole 40-point grid
   harness bench --grid --full-grid --epochs 100              # ... with VTAB-1k's 100 epochs per trial
+  harness bench --trial --suite demo --method toast --task demo-digits   # one trial, its wall time by part
+  harness bench --loader --suite vtab --task vtab-dtd --data-root D      # input pipeline images/s per worker count
 """
 
 
@@ -66,6 +68,15 @@ def add_parser(sub) -> None:
                       help="the method's own full grid (the linear probe's 40 points) instead of the suite's")
     grid.add_argument("--epochs", type=int, help="epochs per trial (default: the suite's; VTAB-1k's schedule is 100)")
     grid.add_argument("--data-root", help="where the suite's datasets live")
+    trial = parser.add_argument_group("--trial: one real trial of --suite/--method/--task end to end, its wall time "
+                                      "split into parts (kept as cost.phases_s); --loader: the task's input "
+                                      "pipelines' images/s per worker count, cold and warm")
+    trial.add_argument("--trial", action="store_true", help="time one trial by part")
+    trial.add_argument("--method", help="--trial: the method (default: the suite's first)")
+    trial.add_argument("--no-cache", action="store_true", help="--trial: no frozen-computation or decoded cache")
+    trial.add_argument("--loader", action="store_true", help="time the task's input pipelines")
+    trial.add_argument("--workers", help="--loader: comma list of worker counts (default: 0 .. the usable CPUs)")
+    trial.add_argument("--limit", type=int, help="--loader: the first N images of each split")
     parser.set_defaults(func=main)
 
 
@@ -86,6 +97,10 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.grid:
         return _grid(args)
+    if args.trial:
+        return _trial(args)
+    if args.loader:
+        return _loader(args)
     if not timm.is_model(args.backbone):
         from harness.errors import UnknownNameError
 
@@ -130,3 +145,49 @@ def _grid(args: argparse.Namespace) -> int:
     print(f"\nwrote {path}")
     return 1 if any(row["failed"] for row in rows) else 0
 
+
+
+def _trial(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from harness.bench_trial import phases_table, run_trial_bench
+    from harness.store import default_results_dir
+    from harness.sweep import load_suite, parse_set
+
+    method = args.method or load_suite(args.suite, data_root=args.data_root).methods[0]
+    record = run_trial_bench(args.suite, method, args.task, data_root=args.data_root, epochs=args.epochs,
+                             sets=parse_set(args.set), device=args.device, feature_cache=not args.no_cache,
+                             progress=not args.no_progress)
+    spec = record["spec"]
+    print(f"{spec['method']}/{spec['task']} {spec['stage']} on {record['provenance'].get('device', '?')}: "
+          f"status {record['status']}, feature_cache {record.get('feature_cache')}, "
+          f"decoded_cache {record.get('decoded_cache', '-')}")
+    print(phases_table(record))
+    path = Path(args.out) if args.out else default_results_dir() / "bench" / f"trial-{spec['task']}-{method}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str))
+    print(f"\nwrote {path}")
+    return 0 if record["status"] == "ok" else 1
+
+
+def _loader(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.bench import write_csv
+    from harness.bench_trial import LOADER_COLUMNS, loader_table, run_loader_bench
+    from harness.store import default_results_dir
+
+    workers = None
+    if args.workers:
+        try:
+            workers = [int(w) for w in args.workers.split(",") if w.strip()]
+        except ValueError:
+            raise HarnessError(f"--workers expects a comma list of integers, got {args.workers!r}") from None
+    rows = run_loader_bench(args.suite, args.task, data_root=args.data_root, workers=workers,
+                            batch=args.batch if args.batch != 32 else None, limit=args.limit)
+    print(loader_table(rows))
+    path = Path(args.out) if args.out else default_results_dir() / "bench" / f"loader-{args.suite}-{args.task}.csv"
+    write_csv(rows, path, LOADER_COLUMNS)
+    print(f"\nwrote {path}")
+    return 0
