@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,8 @@ class Normalized(nn.Module):
         return self
 
 
-def build_split(dataset: Dataset, cache: SplitCache, shape: tuple[int, ...], progress: bool) -> None:
+def build_split(dataset: Dataset, cache: SplitCache, shape: tuple[int, ...], progress: bool,
+                workers: int = 0) -> None:
     """Decode one split into ``cache`` (the caller holds the lock): filled in place through a memory map under a
     temporary name and renamed; labels next, the manifest last."""
     from tqdm.auto import tqdm
@@ -123,7 +125,7 @@ def build_split(dataset: Dataset, cache: SplitCache, shape: tuple[int, ...], pro
                dynamic_ncols=True)
     try:
         start = 0
-        for batch, targets in DataLoader(dataset, batch_size=64, shuffle=False, num_workers=_workers()):
+        for batch, targets in DataLoader(dataset, batch_size=64, shuffle=False, num_workers=workers):
             stop = start + batch.shape[0]
             if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != shape:
                 raise CacheRefused(f"{cache.label}: decoded inputs are not uint8 {shape} "
@@ -143,8 +145,11 @@ def build_split(dataset: Dataset, cache: SplitCache, shape: tuple[int, ...], pro
         tmp.unlink(missing_ok=True)
 
 
-def _workers() -> int:
-    """Decoding workers for a build: the CPUs this process may use, up to 8."""
+def _workers(item_seconds: float) -> int:
+    """Decoding workers for a build: the CPUs this process may use, up to 8; none where an item is read in under
+    a millisecond (generated tensors: forking workers would cost more than it saves)."""
+    if item_seconds < 1e-3:
+        return 0
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -164,7 +169,11 @@ def ensure_built(datasets: dict[str, Dataset], caches: dict[str, SplitCache], pr
     if not missing:
         return
     folder = caches[missing[0]].folder
-    shapes = {name: tuple(datasets[name][0][0].shape) for name in missing}
+    shapes, item_seconds = {}, 0.0
+    for name in missing:
+        t0 = time.perf_counter()
+        shapes[name] = tuple(datasets[name][0][0].shape)
+        item_seconds = max(item_seconds, time.perf_counter() - t0)
     sizes = {name: (int(np.prod(shapes[name])) + 8) * len(datasets[name]) for name in missing}
     free = shutil.disk_usage(folder).free
     if sum(sizes.values()) + DISK_MARGIN_BYTES > free:
@@ -181,7 +190,7 @@ def ensure_built(datasets: dict[str, Dataset], caches: dict[str, SplitCache], pr
                 continue
             print(f"decoded cache: decoding {cache.label} ({len(datasets[name])} images -> "
                   f"{human_bytes(sizes[name])}, uint8) into {folder}", file=sys.stderr)
-            build_split(datasets[name], cache, shapes[name], progress)
+            build_split(datasets[name], cache, shapes[name], progress, _workers(item_seconds))
 
 
 def decoded_loaders(model: nn.Module, task: Any, ctx: Any, splits: dict[str, str], loaders: dict[str, DataLoader],

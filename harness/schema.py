@@ -227,6 +227,11 @@ TRAIN: dict[str, Key] = {
                                "first pass, on deterministic tasks; default true)"),
     "feature_cache_dtype": Key(str, "how cached frozen outputs are stored (default float32: exact; float16 halves "
                                     "the disk)", choices=("float32", "float16")),
+    "decoded_cache": Key(bool, "keep deterministic inputs decoded (uint8 at the input size, memory-mapped) and "
+                               "normalise them on the device: VTAB-1k and the demo, every task's evaluation splits "
+                               "(default true; the same numbers either way)"),
+    "compile": Key(bool, "torch.compile the model a trial fits (default false; first steps pay the compilation)"),
+    "fused_optimizer": Key(bool, "fused AdamW/SGD kernels on CUDA (default false; ignored on the CPU)"),
 }
 #: keys of a suite's ``train:`` section, with their types
 TRAIN_KEYS: dict[str, Kind] = {name: key.kind for name, key in TRAIN.items()}

@@ -151,10 +151,12 @@ def make_optimizer(method: Method, model: nn.Module, lr: float, hparams: dict[st
             (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    fused = {"fused": True} if train.get("fused_optimizer", False) and on_cuda else {}  # train.fused_optimizer
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, **fused)
     if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, **fused)
     raise ValueError(f"method {method.name}: unknown optimizer {kind!r}")
 
 
@@ -253,6 +255,8 @@ def _train(spec: TrialSpec, env: TrialEnv) -> dict[str, Any]:
                                                    {"train": train_loader, "eval": eval_loader}, amp)
     fit_model, loaders, decoded_cache = _on_decoded(spec, env, task, fit_model, dctx, data_fingerprint, loaders,
                                                     feature_cache == "used")
+    if train_cfg.get("compile", False):  # train.compile: in place, so parameter names stay the model's
+        fit_model.compile()
     clock.mark("feature_cache")
     own_eval = world.distributed and kinds.own_evaluation(task)  # not split: rank 0 scores the whole split
     whole_eval = loaders["eval"]
