@@ -73,7 +73,9 @@ def add_parser(sub) -> None:
                                       "pipelines' images/s per worker count, cold and warm")
     trial.add_argument("--trial", action="store_true", help="time one trial by part")
     trial.add_argument("--method", help="--trial: the method (default: the suite's first)")
-    trial.add_argument("--no-cache", action="store_true", help="--trial: no frozen-computation or decoded cache")
+    trial.add_argument("--no-cache", action="store_true",
+                       help="--trial: no frozen-computation or decoded cache; --loader: not the decoded cache's "
+                            "loaders (timed besides the images' by default, built first where missing)")
     trial.add_argument("--loader", action="store_true", help="time the task's input pipelines")
     trial.add_argument("--workers", help="--loader: comma list of worker counts (default: 0 .. the usable CPUs)")
     trial.add_argument("--limit", type=int, help="--loader: the first N images of each split")
@@ -185,7 +187,8 @@ def _loader(args: argparse.Namespace) -> int:
         except ValueError:
             raise HarnessError(f"--workers expects a comma list of integers, got {args.workers!r}") from None
     rows = run_loader_bench(args.suite, args.task, data_root=args.data_root, workers=workers,
-                            batch=args.batch if args.batch != 32 else None, limit=args.limit)
+                            batch=args.batch if args.batch != 32 else None, limit=args.limit,
+                            decoded=not args.no_cache)
     print(loader_table(rows))
     path = Path(args.out) if args.out else default_results_dir() / "bench" / f"loader-{args.suite}-{args.task}.csv"
     write_csv(rows, path, LOADER_COLUMNS)
