@@ -17,6 +17,10 @@ parameters the method leaves trainable, with its own optimiser; bf16 autocast on
   the plain backbone's forward on the same batch (inference mode), measured in the same run;
 * ``method_forward_ms`` and ``forward_vs_backbone``: the method's own forward (eval mode, inference mode) and its
   ratio to the plain backbone forward (TOAST's two passes and feedback path against one pass);
+* ``train_tflops_per_s``: achieved training compute, 3 x forward FLOPs x images/s
+  (:func:`harness.cost.training_tflops`), and ``peak_fraction``: that over the device's dense bf16 peak where the
+  device is known (:data:`harness.cost.DENSE_BF16_PEAK_TFLOPS`: H100/H200 989, A100 312; else none) and bf16
+  autocast is on;
 * ``cached_step_ms`` and ``cached_vs_finetune``: for a method that declares a cacheable frozen part
   (:attr:`harness.api.Method.frozen_features`), the same step on the batch's frozen outputs computed beforehand, as
   a trial with the frozen-computation cache (:mod:`harness.features`) steps: the linear probe's head alone,
@@ -65,7 +69,8 @@ BENCH_HPARAMS = {"lr": 1e-3, "weight_decay": 1e-4}
 COLUMNS = ("method", "status", "step_ms", "step_ms_min", "step_ms_max", "images_per_s", "forward_flops",
            "peak_memory_bytes", "peak_memory_kind", "trainable", "head", "total", "optimized_params", "vs_finetune",
            "vs_forward", "method_forward_ms", "forward_vs_backbone", "cached_step_ms", "cached_vs_finetune", "forward_ms",
-           "backbone_forward_flops", "backbone", "batch", "image_size", "device", "amp", "warmup", "repeats", "error")
+           "backbone_forward_flops", "train_tflops_per_s", "peak_fraction", "device_name", "backbone", "batch", "image_size",
+           "device", "amp", "warmup", "repeats", "error")
 
 
 @dataclass
@@ -86,6 +91,9 @@ class BenchConfig:
     amp: bool = True
     seed: int = 0
     progress: bool = True
+    #: the suite settings ``train.compile`` (torch.compile of the model) and ``train.fused_optimizer``
+    compile: bool = False
+    fused_optimizer: bool = False
 
     def check(self) -> None:
         for name in ("batch", "repeats", "num_classes"):
@@ -159,7 +167,15 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     finally:
         bar.close()
     reference = next((r["step_ms"] for r in rows if r["method"] == "finetune" and r["status"] == "ok"), None)
+    from harness.cost import dense_bf16_peak_tflops, training_tflops
+    from harness.provenance import device_name
+
+    name = device_name(str(device))
+    peak = dense_bf16_peak_tflops(name) if str(device).startswith("cuda") and config.amp else None
     for row in rows:
+        tflops = training_tflops(row.get("forward_flops"), row.get("images_per_s"))
+        row.update(train_tflops_per_s=tflops, device_name=name,
+                   peak_fraction=tflops / peak if tflops is not None and peak else None)
         ok = row["status"] == "ok"
         row.update(forward_ms=forward_ms, backbone_forward_flops=backbone_flops, backbone=spec["name"],
                    batch=config.batch, image_size=size, device=device, amp=bool(config.amp), warmup=config.warmup,
@@ -196,8 +212,11 @@ def _bench_method(method: Any, config: BenchConfig, spec: dict[str, Any], device
         seed_everything(config.seed)
         model = assemble_model(method, spec, hparams, cache_dir=default_cache_dir(), device=device,
                                num_classes=config.num_classes, random_init=True).to(device)
-        optimizer = make_optimizer(method, model, float(hparams["lr"]), hparams)
+        optimizer = make_optimizer(method, model, float(hparams["lr"]), hparams,
+                                   {"fused_optimizer": config.fused_optimizer})
         train_mode(model)
+        if config.compile:
+            model.compile()
 
         def step() -> None:
             nonlocal finite
@@ -306,6 +325,8 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
             "fwd x backbone": num(row["forward_vs_backbone"], ".2f"),
             "cached step (ms)": num(row["cached_step_ms"], ".1f"),
             "cached x finetune": num(row["cached_vs_finetune"], ".2f"),
+            "train TFLOP/s": num(row["train_tflops_per_s"], ".3g"),
+            "x bf16 peak": num(row["peak_fraction"], ".1%"),
         })
     text = tabulate(lines, headers="keys", tablefmt="simple", disable_numparse=True)
     if rows:
@@ -321,7 +342,8 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
                  "'x finetune': step time / finetune's. 'fwd x backbone': the method's own forward (eval, "
                  "inference mode) / the plain backbone forward. 'cached': the step on the frozen part's outputs "
                  "computed beforehand, as a trial with the feature cache takes it (methods that declare one). "
-                 "'trainable' excludes the head."
+                 "'trainable' excludes the head. 'train TFLOP/s': 3 x forward FLOPs x img/s; 'x bf16 peak': that "
+                 "over the device's dense bf16 peak (known GPUs only)."
                  + (" Peak memory on the CPU: the method's own tensors at their peak within a training step "
                     "(parameters, gradients, optimiser state, activations)." if kind == "cpu_tensor_peak" else ""))
     return text

@@ -251,3 +251,30 @@ class TensorPeak(TorchDispatchMode):
         for leaf in tree_leaves(out):
             self.add(leaf)
         return out
+
+
+#: dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s of known GPUs, by a substring of
+#: ``torch.cuda.get_device_name`` (first match wins; the datasheets' "with sparsity" figures halved): NVIDIA's H100
+#: and H200 datasheets give 1,979 TFLOPS bf16 with sparsity for the SXM boards (989 dense), 1,513 for the H100 PCIe
+#: (756), 1,671 for the NVL boards (835); the A100 datasheet 312 dense. Unknown devices have no peak ("–").
+DENSE_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+    ("GH200", 989.0), ("A100", 312.0),
+)
+
+
+def dense_bf16_peak_tflops(device_name: str | None) -> float | None:
+    """The device's dense bf16 peak (TFLOP/s) from :data:`DENSE_BF16_PEAK_TFLOPS`, or None when not known."""
+    for key, peak in DENSE_BF16_PEAK_TFLOPS:
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def training_tflops(forward_flops: float | None, images_per_s: float | None) -> float | None:
+    """Achieved training compute in TFLOP/s, counted as 3 x the forward FLOPs per image (forward + a backward of
+    twice the forward, the usual convention; a method that trains little backpropagates less, so for it this is
+    the compute a full fine-tune would need for the same images)."""
+    if not forward_flops or not images_per_s:
+        return None
+    return 3.0 * forward_flops * images_per_s / 1e12

@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
                         help="a hyperparameter for every method that has it, e.g. prompt_length=10; repeatable")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: $HARNESS_DEVICE, else CUDA if present)")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model (train.compile); "
+                                                               "give --warmup enough steps to compile")
+    parser.add_argument("--fused", action="store_true", help="fused AdamW/SGD on CUDA (train.fused_optimizer)")
     parser.add_argument("--threads", type=int,
                         help="torch's CPU threads (default: torch's own; 1 on a machine other work shares, where "
                              "waiting threads slow every op)")
@@ -121,7 +124,8 @@ def main(args: argparse.Namespace) -> int:
     config = BenchConfig(backbone={"name": args.backbone, "model_args": parse_set(args.model_arg)},
                          methods=methods, batch=args.batch, image_size=args.image_size, warmup=args.warmup,
                          repeats=args.repeats, num_classes=args.num_classes, hparams=parse_set(args.set),
-                         device=args.device, amp=not args.no_amp, progress=not args.no_progress)
+                         device=args.device, amp=not args.no_amp, progress=not args.no_progress,
+                         compile=args.compile, fused_optimizer=args.fused)
     rows = run_bench(config)
     print(bench_table(rows))
     device = rows[0]["device"] if rows else (args.device or "cpu")
