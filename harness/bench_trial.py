@@ -34,13 +34,13 @@ LOADER_COLUMNS = ("split", "source", "workers", "pass", "images", "seconds", "im
 
 def run_trial_bench(suite_name: str, method: str, task: str | None = None, *, data_root: str | None = None,
                     epochs: int | None = None, sets: dict[str, Any] | None = None, device: str | None = None,
-                    feature_cache: bool = True, progress: bool = False) -> dict[str, Any]:
+                    feature_cache: bool = True, progress: bool = False, weights: str | None = None) -> dict[str, Any]:
     """One trial end to end; its record with ``cost.phases_s`` completed by ``record_write`` and ``other`` (the
     trial's wall time not in any part)."""
     from harness.store import Store
     from harness.train import TrialEnv, run_trial
 
-    suite = load_suite(suite_name, data_root=data_root, epochs=epochs, sets=sets or None)
+    suite = load_suite(suite_name, data_root=data_root, epochs=epochs, sets=sets or None, weights=weights)
     task = select_tasks(suite, task)[0]
     if method not in suite.methods:
         raise HarnessError(f"--method {method}: suite {suite.name} runs {', '.join(suite.methods)}")

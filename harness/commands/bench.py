@@ -76,6 +76,7 @@ def add_parser(sub) -> None:
                                       "pipelines' images/s per worker count, cold and warm")
     trial.add_argument("--trial", action="store_true", help="time one trial by part")
     trial.add_argument("--method", help="--trial: the method (default: the suite's first)")
+    trial.add_argument("--weights", help="--trial: the backbone's weights instead of the suite's (none: random)")
     trial.add_argument("--no-cache", action="store_true",
                        help="--trial: no frozen-computation or decoded cache; --loader: not the decoded cache's "
                             "loaders (timed besides the images' by default, built first where missing)")
@@ -164,7 +165,7 @@ def _trial(args: argparse.Namespace) -> int:
     method = args.method or load_suite(args.suite, data_root=args.data_root).methods[0]
     record = run_trial_bench(args.suite, method, args.task, data_root=args.data_root, epochs=args.epochs,
                              sets=parse_set(args.set), device=args.device, feature_cache=not args.no_cache,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, weights=args.weights)
     spec = record["spec"]
     print(f"{spec['method']}/{spec['task']} {spec['stage']} on {record['provenance'].get('device', '?')}: "
           f"status {record['status']}, feature_cache {record.get('feature_cache')}, "
