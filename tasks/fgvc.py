@@ -185,6 +185,16 @@ class FgvcTask(ListTask):
                               normalize])
         return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
 
+    def decoded_transform(self, ctx: DataContext, train: bool) -> Callable | None:
+        """The evaluation transform up to the uint8 crop (the decoded-input cache serves evaluation splits only:
+        training crops and flips are random)."""
+        if train:
+            return None
+        from torchvision import transforms as T
+
+        size = ctx.image_size
+        return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
+
 
 for _name, (_folder, _images, _classes) in FGVC_TASKS.items():
     TASKS.add(_name, FgvcTask(_name, _folder, _images, _classes))

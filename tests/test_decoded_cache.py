@@ -30,7 +30,7 @@ def _same(a: dict, b: dict) -> None:
 def test_a_demo_trial_is_the_same_with_and_without_the_decoded_cache(make_suite, tmp_path, capsys) -> None:
     from harness.train import TrialEnv, run_trial
 
-    _suite, spec = _spec(make_suite)
+    _suite, spec = _spec(make_suite, train={"epochs": 2, "batch_size": 400})
     env = TrialEnv(cache_dir=tmp_path / "cache", progress=False)
     cached = run_trial(spec, env)
     assert "decoded cache: decoding demo-digits/train800 (800 images -> " in capsys.readouterr().err
@@ -111,3 +111,36 @@ def test_bench_loader_and_trial_run(tmp_path, capsys) -> None:
     assert main(["bench", "--trial", "--suite", "demo", "--method", "linear", "--task", "demo-digits", "--epochs",
                  "1", "--no-progress", "--out", str(tmp_path / "t.json")]) == 0
     assert "steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["vtab-dtd", "fgvc-cub"])
+def test_a_tasks_decoded_transform_normalised_is_its_transform(name) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from harness.api import TASKS, DataContext
+    from harness.decoded import Normalized
+
+    task = TASKS.get(name)
+    ctx = DataContext(data_root=None, cache_dir=None, image_size=32, settings={}, mean=(0.5, 0.4, 0.3),
+                      std=(0.2, 0.25, 0.3))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8))
+    decoded = task.decoded_transform(ctx, False)(image)
+    assert decoded.dtype == torch.uint8
+    wrapped = Normalized(torch.nn.Identity(), *task.input_normalization(ctx))
+    assert torch.equal(wrapped(decoded[None])[0], task.transform(ctx, False)(image))
+    assert (task.decoded_transform(ctx, True) is None) == (not task.deterministic_train)
+
+
+def test_random_training_transforms_leave_only_the_evaluation_split_decoded(make_suite, tmp_path,
+                                                                             monkeypatch) -> None:
+    from harness.api import TASKS
+    from harness.train import TrialEnv, run_trial
+
+    _suite, spec = _spec(make_suite, train={"epochs": 1, "batch_size": 200})
+    monkeypatch.setattr(TASKS.get("demo-digits"), "deterministic_train", False)
+    cached = run_trial(spec, TrialEnv(cache_dir=tmp_path / "cache", progress=False))
+    plain = run_trial(spec, TrialEnv(cache_dir=tmp_path / "cache", progress=False, feature_cache=False))
+    assert cached["decoded_cache"] == "eval only: task demo-digits's training transforms are not deterministic"
+    _same(cached, plain)
