@@ -99,7 +99,10 @@ class Normalized(nn.Module):
             self.register_buffer(name, buffer)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = (s.to(x.device) for s in self._stats)
+        mean, std = self._stats
+        if mean.device != x.device:  # moved once, not per batch
+            mean, std = mean.to(x.device), std.to(x.device)
+            object.__setattr__(self, "_stats", (mean, std))
         return x.to(torch.float32).div(255).sub_(mean).div_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
