@@ -52,8 +52,9 @@ def write_vtab_tree(root: Path, train: int, val: int, smoke: bool) -> Path:
 
 def bare_step_ms(method_name: str, backbone: dict, batch: int, size: int, device: str, amp: bool,
                  warmup: int, repeats: int) -> float:
-    """The method's model built as bench builds it, stepped by a plain loop: SGD over its trainable parameters,
-    cross-entropy under bf16 autocast, no harness code in the step."""
+    """The method's model built as bench builds it, stepped by a plain loop: its own optimiser (AdamW or SGD, as
+    bench builds it) over its trainable parameters, cross-entropy under bf16 autocast, no harness code in the
+    step (no finiteness check, no memory tracking)."""
     import torch
     import torch.nn.functional as F
 
@@ -61,15 +62,14 @@ def bare_step_ms(method_name: str, backbone: dict, batch: int, size: int, device
     from harness.bench import BENCH_HPARAMS, bench_hparams
     from harness.loop import autocast_for, seed_everything
     from harness.store import default_cache_dir
-    from harness.train import assemble_model
+    from harness.train import assemble_model, make_optimizer
 
     method = METHODS.get(method_name)
     hparams = bench_hparams(method, dict(BENCH_HPARAMS))
     seed_everything(0)
     model = assemble_model(method, backbone, hparams, cache_dir=default_cache_dir(), device=device, num_classes=100,
                            random_init=True).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    opt = make_optimizer(method, model, float(hparams["lr"]), hparams)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     times = []
@@ -96,6 +96,11 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny settings (CPU smoke test)")
     parser.add_argument("--device", help="default: CUDA if present")
     parser.add_argument("--epochs", type=int, help="trial epochs (default 3; smoke 1)")
+    parser.add_argument("--parts", default="bench,bare,compile,trial",
+                        help="comma list of the parts to run (default: all): bench, bare, compile, trial")
+    parser.add_argument("--backbone", help="timm name instead of vit_base_patch16_224 (not with --smoke)")
+    parser.add_argument("--batch", type=int, help="batch size instead of 64")
+    parser.add_argument("--repeats", type=int, help="timed steps instead of 20")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,8 +115,9 @@ def main() -> int:
                     "model_args": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}
         batch, size, warmup, repeats, train, val = 4, 32, 1, 2, 16, 8
     else:
-        backbone = {"name": "vit_base_patch16_224", "model_args": {}}
-        batch, size, warmup, repeats, train, val = 64, 224, 5, 20, 800, 200
+        backbone = {"name": args.backbone or "vit_base_patch16_224", "model_args": {}}
+        batch, size, warmup, repeats, train, val = args.batch or 64, 224, 5, args.repeats or 20, 800, 200
+    parts = set(args.parts.split(","))
     summary: dict = {"device": device, "smoke": args.smoke, "batch": batch, "image_size": size}
     timings: dict = {}
 
@@ -119,7 +125,7 @@ def main() -> int:
         timings[name] = time.perf_counter()
         print(f"== {name}", flush=True)
 
-    stage("bench")
+    stage("bench")  # always: the other parts are ratios to its rows
     config = BenchConfig(backbone=backbone, methods=["finetune", "linear", "toast", "toast-lite"], batch=batch,
                          image_size=size, warmup=warmup, repeats=repeats, device=device, progress=False)
     rows = {r["method"]: r for r in run_bench(config)}
@@ -135,14 +141,15 @@ def main() -> int:
         device_name=ft["device_name"])
 
     stage("bare")
-    for name in ("finetune", "toast"):
+    for name in ("finetune", "toast") if "bare" in parts else ():
         bare = bare_step_ms(name, backbone, batch, size, device, True, warmup, repeats)
         summary[f"bare_{name}_step_ms"] = bare
         summary[f"bench_{name}_vs_bare"] = rows[name]["step_ms"] / bare
 
     stage("compile")
     compiled = {}
-    for label, compile_, fused in (("plain", False, False), ("fused", False, True), ("compile+fused", True, True)):
+    settings = (("plain", False, False), ("fused", False, True), ("compile+fused", True, True))
+    for label, compile_, fused in settings if "compile" in parts else ():
         config = BenchConfig(backbone=backbone, methods=["finetune"], batch=batch, image_size=size,
                              warmup=warmup + (3 if compile_ else 0), repeats=repeats, device=device, progress=False,
                              compile=compile_, fused_optimizer=fused)
@@ -153,6 +160,8 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001 - a compiler missing on this machine is a figure too
             compiled[label] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
     summary["finetune_settings"] = compiled
+    if "trial" not in parts:
+        return finish(summary, timings, out)
 
     stage("trial")
     with tempfile.TemporaryDirectory() as scratch:
@@ -189,6 +198,10 @@ def main() -> int:
     decoded = max((v for (s, src, _w), v in warm.items() if s == "train800" and src == "decoded" and v),
                   default=None)
     summary["loader_decoded_vs_images_per_core"] = decoded / images if images and decoded else None
+    return finish(summary, timings, out)
+
+
+def finish(summary: dict, timings: dict, out: Path) -> int:
     start = min(timings.values())
     summary["seconds"] = {name: round(t - start, 1) for name, t in timings.items()}
     summary["seconds"]["total"] = round(time.perf_counter() - start, 1)
