@@ -1,0 +1,81 @@
+"""Pre-tuning at scale (issue 19 §2): the cached file list of an ImageNet-style folder (methods/image_folder.py) and
+``harness pretune --executor slurm`` (the slurm-marked test submits to the local cluster; skipped when it is down)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from methods.image_folder import CachedImageFolder, listing_path
+
+
+def _tree(root: Path, classes: dict[str, list[str]]) -> Path:
+    """Empty 'image' files (listing never opens them), plus files ImageFolder skips and a nested sub-folder."""
+    for name, files in classes.items():
+        for rel in files:
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / rel).write_bytes(b"")
+    return root
+
+
+TREE = {"n02": ["b.JPEG", "a.png", "notes.txt", "sub/c.jpg"], "n01": ["z.jpeg", "y.JPG"], "n10": ["x.webp"]}
+
+
+def _same(cached, reference) -> None:
+    assert cached.classes == reference.classes and cached.class_to_idx == reference.class_to_idx
+    assert cached.samples == reference.samples and cached.targets == reference.targets
+
+
+def test_the_cached_listing_is_imagefolders_and_a_second_build_walks_nothing(tmp_path, monkeypatch, capsys):
+    from torchvision.datasets import ImageFolder
+
+    root = _tree(tmp_path / "train", TREE)
+    cache = tmp_path / "cache"
+    first = CachedImageFolder(str(root), cache_dir=cache)
+    _same(first, ImageFolder(str(root)))
+    out = capsys.readouterr().out
+    assert re.search(r"listed 6 images in 3 classes in [\d.]+ s; cached at .*image-folders", out), out
+    assert listing_path(cache, root).is_file()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the folder was listed again")
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    monkeypatch.setattr(os, "walk", refuse)
+    monkeypatch.setattr(os, "listdir", refuse)
+    second = CachedImageFolder(str(root), cache_dir=cache)  # another rank, a resume
+    _same(second, first)
+    assert capsys.readouterr().out == ""
+    monkeypatch.undo()
+    # the same folder through a symlink: one cache entry (keyed by the resolved path), paths as given
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    _same(CachedImageFolder(str(link), cache_dir=cache), ImageFolder(str(link)))
+    assert capsys.readouterr().out == "" and len(list((cache / "image-folders").glob("*.json"))) == 1
+
+
+def test_a_new_class_or_image_lists_the_folder_again(tmp_path, capsys):
+    from torchvision.datasets import ImageFolder
+
+    root = _tree(tmp_path / "train", TREE)
+    cache = tmp_path / "cache"
+    CachedImageFolder(str(root), cache_dir=cache)
+    capsys.readouterr()
+    stamp = os.stat(root).st_mtime_ns
+    _tree(root, {"n05": ["q.png"]})
+    os.utime(root, ns=(stamp + 10**9, stamp + 10**9))  # coarse-mtime file systems: make the change visible
+    again = CachedImageFolder(str(root), cache_dir=cache)
+    _same(again, ImageFolder(str(root)))
+    assert "listed 7 images in 4 classes" in capsys.readouterr().out and again.class_to_idx["n05"] == 2
+
+    folder = root / "n01"
+    stamp = os.stat(folder).st_mtime_ns
+    (folder / "w.png").write_bytes(b"")
+    os.utime(folder, ns=(stamp + 10**9, stamp + 10**9))
+    _same(CachedImageFolder(str(root), cache_dir=cache), ImageFolder(str(root)))
+    assert "listed 8 images in 4 classes" in capsys.readouterr().out
