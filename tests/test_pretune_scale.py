@@ -79,3 +79,64 @@ def test_a_new_class_or_image_lists_the_folder_again(tmp_path, capsys):
     os.utime(folder, ns=(stamp + 10**9, stamp + 10**9))
     _same(CachedImageFolder(str(root), cache_dir=cache), ImageFolder(str(root)))
     assert "listed 8 images in 4 classes" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- --executor
+def test_the_command_refuses_an_unknown_executor_and_a_missing_folder_before_submitting(make_suite, capsys):
+    from conftest import TINY_PRETUNE
+    from harness.cli import main
+
+    suite = str(make_suite("stagechecks", methods=["toast"], pretune={**TINY_PRETUNE, "auto": False}))
+    assert main(["pretune", "--suite", suite, "--executor", "slrum"]) == 2
+    assert "unknown executor 'slrum'; did you mean: slurm?" in capsys.readouterr().err
+    code = main(["pretune", "--suite", suite, "--executor", "slurm", "--set", "pretune.image_folder=/nowhere/train"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pretune.image_folder /nowhere/train is not a folder" in err, err
+
+
+def _cluster_down() -> str | None:
+    import shutil
+
+    if not shutil.which("scontrol") or not shutil.which("sbatch"):
+        return "SLURM client tools not installed (start the CI cluster: sudo .ci/slurm_cluster.sh start)"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "`scontrol ping` timed out: no slurmctld answers"
+    return None if "UP" in ping.stdout else "no slurmctld answers `scontrol ping`"
+
+
+@pytest.mark.slurm
+def test_a_pretune_submitted_to_slurm_is_found_by_a_later_run(make_suite, capsys):
+    """One command submits the stage; the job writes where an inline pre-tune would, so a run (no auto) finds it."""
+    down = _cluster_down()
+    if down:
+        pytest.skip(down)
+    from conftest import TINY_PRETUNE
+    from harness.cli import main
+
+    fixed = {"protocol": {"kind": "fixed", "final": {"train": "train800val200", "eval": "test"}, "seeds": [42]},
+             "fixed": {"toast": {"*": {"lr": 0.1, "weight_decay": 0.0}}}, "grids": None}
+    suite = str(make_suite("slurmstage", methods=["toast"], tasks=["demo-digits"],
+                           pretune={**TINY_PRETUNE, "auto": False, "seed": 31}, slurm={"time": 5, "cpus": 1},
+                           executor={"code_check": "warn"}, **fixed))
+    code = main(["pretune", "--suite", suite, "--executor", "slurm", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    job = re.search(r"as SLURM job (\d+)", out).group(1)
+    try:
+        made = Path(re.search(r"toast: toast-pretuned -> (\S+)", out).group(1))
+        assert "logs: " in out and not made.exists()
+        deadline = time.monotonic() + 35
+        while time.monotonic() < deadline and subprocess.run(
+                ["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+            time.sleep(0.5)
+        log = next(Path(re.search(r"logs: (\S+)/", out).group(1)).glob("*_log.out"), None)
+        assert made.is_file(), log.read_text() if log else "no log"
+        assert "pre-tuned toast's top-down module" in log.read_text()
+        stamp = made.stat().st_mtime_ns
+        code = main(["run", "--suite", suite, "--no-progress", "--no-table"])
+        out = capsys.readouterr().out
+        assert code == 0 and "pre-tuned toast" not in out and made.stat().st_mtime_ns == stamp, out
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
