@@ -140,3 +140,18 @@ def test_a_pretune_submitted_to_slurm_is_found_by_a_later_run(make_suite, capsys
         assert code == 0 and "pre-tuned toast" not in out and made.stat().st_mtime_ns == stamp, out
     finally:
         subprocess.run(["scancel", job], capture_output=True)
+
+
+def test_a_per_image_progress_bar_shows_images_per_second_and_the_time_left(capsys):
+    """Pre-tuning's bar (``fit(progress_images=True)``): images over the whole run, with a rate and an ETA."""
+    import torch
+
+    from harness.api import fit
+
+    model = torch.nn.Linear(3, 2)
+    data = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.randint(0, 2, (10,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, amp=False, progress="pre-tuning",
+        progress_images=True)
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert re.search(r"20(\.0)?/20(\.0)? \[[\d:]+<[\d:]+, +[\d.]+k?img/s, epoch=2/2", bar), bar
