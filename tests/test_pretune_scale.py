@@ -138,6 +138,9 @@ def test_a_pretune_submitted_to_slurm_is_found_by_a_later_run(make_suite, capsys
         code = main(["run", "--suite", suite, "--no-progress", "--no-table"])
         out = capsys.readouterr().out
         assert code == 0 and "pre-tuned toast" not in out and made.stat().st_mtime_ns == stamp, out
+        code = main(["pretune", "--suite", suite, "--executor", "slurm"])  # made: nothing to submit
+        assert code == 0 and f"toast: toast-pretuned -> {made} (--force to redo); nothing submitted" in \
+            capsys.readouterr().out
     finally:
         subprocess.run(["scancel", job], capture_output=True)
 

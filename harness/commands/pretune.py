@@ -11,6 +11,7 @@ An existing result is kept unless ``--force``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from harness.commands import cache_dir, formatter
@@ -147,7 +148,12 @@ def submit(args: argparse.Namespace, suite, names: list[str], devices: int, node
                 sections={section: suite.raw.get(section) for section in method.suite_sections}, data=data,
                 overrides=suite.overrides, data_root=suite.data_root, make=True, force=args.force,
                 output=args.output)
-            targets.append((name, need, method.check_stage(request)))
+            path = method.check_stage(request)
+            targets.append((name, need, Path(os.path.abspath(path)) if path is not None else None))
+    if not args.force and targets and all(path is not None and path.exists() for _, _, path in targets):
+        for name, need, path in targets:
+            print(f"already made: {name}: {need} -> {path} (--force to redo); nothing submitted")
+        return 0
     from harness.executors.stage import submit_stage
 
     job_id, logs = submit_stage(suite, list(getattr(args, "argv", [])), settings, cache)
