@@ -158,3 +158,29 @@ def test_a_per_image_progress_bar_shows_images_per_second_and_the_time_left(caps
         progress_images=True)
     bar = capsys.readouterr().err.replace("\r", "\n")
     assert re.search(r"20(\.0)?/20(\.0)? \[[\d:]+<[\d:]+, +[\d.]+k?img/s, epoch=2/2", bar), bar
+
+
+def test_pretuning_on_an_image_folder_reads_the_cached_listing(tmp_path, capsys):
+    """``pretune_dataset`` builds the cached folder (under the DataContext's cache dir): the same dataset as
+    torchvision's, listed once, its images loaded and transformed as before."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from conftest import TINY_BACKBONE
+    from harness.api import DataContext, build_backbone
+    from methods.toast_pretune import DEFAULTS, pretune_dataset
+
+    root = tmp_path / "train"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 40), (60 * i, 90, 30)).save(root / name / f"{i}.png")
+    data = DataContext(data_root=None, cache_dir=tmp_path / "cache", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = {**DEFAULTS, "image_folder": str(root)}
+    backbone = build_backbone(TINY_BACKBONE)
+    dataset, classes, fingerprint = pretune_dataset(cfg, data, backbone)
+    assert isinstance(dataset, CachedImageFolder) and classes == 2 and fingerprint == f"imagefolder:{root}:4"
+    assert dataset.samples == ImageFolder(str(root)).samples and dataset[3][0].shape == (3, 32, 32)
+    assert "listed 4 images in 2 classes" in capsys.readouterr().out
+    pretune_dataset(cfg, data, backbone)  # a resume, another rank: read, not listed
+    assert "listed" not in capsys.readouterr().out
