@@ -6,6 +6,10 @@ stage now (configured by the suite sections the method reads, on the inputs the 
 normalisation) and prints its own summary. Without ``--output`` the result goes where the suite's trials look for it,
 so ``harness run`` finds it with no further step; with ``--output``, the provider says how to point the suite at it.
 An existing result is kept unless ``--force``.
+
+``--executor slurm`` checks the suite, the job settings and each stage's settings and data
+(:meth:`harness.api.Method.check_stage`), then submits this command as one SLURM job (:mod:`harness.executors.stage`)
+and returns, printing the job id and where each result will land; the job writes where an inline run would.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ examples:
   harness pretune --suite fgvc --method NAME            # one method's stage (NAME: harness ls methods)
   harness pretune --suite demo --method NAME --output stage.pt --set pretune.epochs=1
   harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train --devices 8   # 8 GPUs
-  harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train --executor slurm \
-      --partition gpu --gpus 1 --devices 4 --nodes 2 --time 720   # one SLURM job of 8 GPUs; returns at once
+  harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train --executor slurm --gpus 1 \\
+    --devices 4 --nodes 2 --time 720         # one SLURM job on 2 nodes x 4 GPUs; prints its id and returns
 """
 
 #: where ``harness pretune`` runs the stage
@@ -55,8 +59,9 @@ def add_parser(sub) -> None:
                              "processes without GPUs); the stage's batch size stays the global batch (default: the "
                              "suite's executor.devices, else 1)")
     parser.add_argument("--nodes", type=int, metavar="M",
-                        help="nodes: only inside a SLURM job whose tasks each run this command (srun), where every "
-                             "task reads its rank from SLURM")
+                        help="nodes: with --executor slurm (the job gets --devices tasks on each of M nodes), or "
+                             "inside a SLURM job whose tasks each run this command (srun); every task reads its rank "
+                             "from SLURM")
     parser.add_argument("--executor", default="inline",
                         help="where the stage runs: " + "; ".join(f"{k}: {v}" for k, v in STAGE_EXECUTORS.items()))
     from harness.commands.run import add_cluster_args
