@@ -160,6 +160,12 @@ class Method(abc.ABC):
         """The keys one of this method's ``suite_sections`` accepts, with their defaults (for validation)."""
         return {}
 
+    def check_stage(self, request: "ArtifactRequest") -> Path | None:
+        """Before ``harness pretune --executor slurm`` submits the stage that makes ``request.name`` (one of
+        :attr:`needs`) as a job: raise a HarnessError for what would stop it at its start (its settings, a data
+        folder that is not there), and return where its result will land (None: the provider decides later)."""
+        return None
+
     def backbone_args(self, hparams: dict[str, Any]) -> dict[str, Any]:
         """Extra ``timm.create_model`` arguments this trial's backbone is built with. ``frozen_eval: false`` (the
         official TOAST code's choice) trains with drop-path ``drop_path`` (default 0.1) in the frozen backbone;

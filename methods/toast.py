@@ -31,10 +31,12 @@ Settings (hyperparameters with defaults; a sweep may override them):
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.api import BuildContext, Method
+from harness.api import ArtifactRequest, BuildContext, Method
 from harness.errors import HarnessError
 from methods.common import freeze
 from methods.toast_pretune import DEFAULTS as PRETUNE_DEFAULTS
@@ -84,6 +86,42 @@ class ToastMethod(Method):
 
     def section_keys(self, section: str) -> dict[str, Any]:
         return dict(PRETUNE_DEFAULTS) if section == "pretune" else {}
+
+    def check_stage(self, request: ArtifactRequest) -> Path | None:
+        """Before the pre-tuning (:mod:`methods.toast_pretune`) is submitted as a job: its section and its data
+        (the image folder holds class folders; or the task, its split and its data), and the file it will write
+        (the one this method's trials look up, or ``--output``/``pretune.checkpoint``)."""
+        from harness.api import TASKS
+        from methods.toast_pretune import cache_key, default_path, pretune_architecture, section_of
+
+        if request.sections.get("pretune") is None:
+            raise HarnessError(f"method {self.name} needs a pre-tuned top-down module, but suite '{request.suite}' "
+                               "has no pretune section: add `pretune: {image_folder: <ImageNet train folder>}` "
+                               "(or `{task: <upstream task>}`)")
+        cfg = section_of(request.sections["pretune"])
+        if cfg["image_folder"]:
+            root = Path(os.path.expanduser(str(cfg["image_folder"])))
+            if not root.is_dir() or not any(entry.is_dir() for entry in os.scandir(root)):
+                raise HarnessError(f"pretune.image_folder {root} is not a folder of class folders (expected "
+                                   "<root>/<class>/<image> files)")
+        elif cfg["task"]:
+            task = TASKS.get(cfg["task"])
+            if cfg["split"] not in task.splits:
+                raise HarnessError(f"pretune.split: task {task.name} has splits {', '.join(task.splits)}, "
+                                   f"not '{cfg['split']}'")
+            problems = task.check(request.data, deep=False) if request.data is not None else []
+            if problems:
+                raise HarnessError(f"pretune.task {task.name}: its data is not ready: {'; '.join(problems)}")
+        else:
+            raise HarnessError("pretune: set 'task' (a registered task, e.g. demo-upstream) or 'image_folder'")
+        if request.output:
+            return Path(request.output)
+        if cfg["checkpoint"]:
+            return Path(os.path.expanduser(str(cfg["checkpoint"])))
+        if request.data is None:
+            return None
+        return default_path(request.cache_dir, cache_key(request.backbone, cfg, pretune_architecture(self),
+                                                         request.data))
 
     def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any],
                    feedback: str | None = None) -> TopDownViT:
