@@ -87,10 +87,13 @@ class ToastMethod(Method):
 
     def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any],
                    feedback: str | None = None) -> TopDownViT:
+        from methods.toast_convnext import is_convnext, make_convnext_model
         from methods.toast_model import TopDownViT
 
         hp = {**self.defaults, **hparams}
         freeze(backbone)
+        if is_convnext(backbone):  # the convolutional top-down module (paper §4.4, Table 5)
+            return make_convnext_model(self, backbone, num_classes, hp)
         return TopDownViT(backbone, num_classes, feedback=feedback or self.feedback,
                           token_selection=self.token_selection, v_bias_twice=bool(hp["v_bias_twice"]),
                           frozen_eval=bool(hp["frozen_eval"]))
@@ -104,9 +107,14 @@ class ToastMethod(Method):
         model = self.make_model(backbone, num_classes, ctx.hparams, feedback)
         if self.pretuned and not ctx.random_init:
             from methods.toast_checkpoint import load_top_down
+            from methods.toast_model import TopDownViT
 
-            path = ctx.resolve_artifact("toast-pretuned")
-            report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")),
+            path = source = ctx.resolve_artifact("toast-pretuned")
+            if not isinstance(model, TopDownViT):  # the ConvNeXt module: official backbone keys renamed first
+                from methods.toast_convnext import read_convnext_checkpoint
+
+                source = read_convnext_checkpoint(path)
+            report = load_top_down(model, source, str(ctx.hparams.get("pretuned_backbone", "check")),
                                    hparams=ctx.hparams, method=self.name or "toast")
             # a narrower span than the module was pre-tuned for uses the decoders of its own layers only
             if report.unexpected and (feedback or self.feedback) == self.feedback:
