@@ -69,6 +69,8 @@ class ToastMethod(Method):
     hparam_keys = ("pretuned_backbone", "drop_path", "seg_feedback")
     hparam_choices = {"seg_feedback": FEEDBACK_KINDS}
     needs = ("toast-pretuned",)
+    #: ViT (attention's V steered) and ConvNeXt (the convolutional module: :mod:`methods.toast_convnext`)
+    backbones = ("vit", "convnext")
     suite_sections = ("pretune",)
     #: the first pass is cached where the task allows (harness/features.py); its content depends on the feedback
     #: span only, so every variant with the same span shares one cache
@@ -148,6 +150,7 @@ class ToastLite(ToastMethod):
     weights stay frozen; xi, P and the head train."""
 
     description = "TOAST with rank-4 LoRA on the feedback path (merged per step); xi, P and the head train"
+    backbones = ("vit",)  # LoRA on linear feedback layers; the ConvNeXt module's are convolutions
     #: 2: the feedback LoRA computed merged (W + s B A per step) instead of peft's per-token form
     version = 2
     defaults = {**ToastMethod.defaults, "lora_rank": 4, "lora_alpha": 1.0}
@@ -163,6 +166,7 @@ class ToastLite(ToastMethod):
 class ToastEarly(ToastMethod):
     description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
     group = "toast-variant"
+    backbones = ("vit",)  # a middle block to feed back from
     feedback = "early"
     seg_feedback = "early"
     frozen_features = "first-pass-early"  # the first pass stops at the middle block
@@ -171,6 +175,7 @@ class ToastEarly(ToastMethod):
 class ToastLate(ToastMethod):
     description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
     group = "toast-variant"
+    backbones = ("vit",)
     feedback = "late"
     seg_feedback = "late"
     frozen_features = "first-pass-late"  # shared: the lower half's output, computed once for both passes

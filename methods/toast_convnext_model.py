@@ -48,7 +48,8 @@ def is_convnext(backbone: nn.Module) -> bool:
 def check_backbone(backbone: nn.Module) -> None:
     """TOAST on a ConvNet runs timm's ConvNeXt stages with a signal added to their input: refuse anything else."""
     if not is_convnext(backbone):
-        raise HarnessError(f"TOAST's convolutional top-down module needs a timm ConvNeXt, got {type(backbone).__name__}")
+        raise HarnessError("TOAST's convolutional top-down module needs a timm ConvNeXt, got "
+                           f"{type(backbone).__name__}")
     if len(backbone.stages) != 4 or not isinstance(backbone.stem[0], nn.Conv2d):
         raise HarnessError("TOAST's convolutional top-down module needs timm's 4-stage ConvNeXt with a patchify stem")
     if not isinstance(backbone.norm_pre, nn.Identity):

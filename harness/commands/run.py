@@ -282,10 +282,20 @@ def dry_run_problems(suite, cells: list[Cell], env) -> list[str]:
         check_backbone_spec(suite.backbone)
     except HarnessError as err:
         problems.append(f"backbone: {err}")
+    else:
+        problems += backbone_problems(suite, cells)
     ctx = suite_data_context(suite, env.cache_dir)
     for name in dict.fromkeys(c.task for c in cells):
         problems += TASKS.get(name).check(ctx, deep=False)
     return group_problems(problems)
+
+
+def backbone_problems(suite, cells: list[Cell]) -> list[str]:
+    """One line per selected method that cannot run on the suite's backbone family (``Method.backbones``)."""
+    from harness.backbone import unsupported_backbone
+
+    lines = [unsupported_backbone(METHODS.get(name), suite.backbone) for name in dict.fromkeys(c.method for c in cells)]
+    return [line for line in lines if line]
 
 
 def group_problems(problems: list[str]) -> list[str]:
@@ -319,6 +329,9 @@ def preflight(suite, cells: list[Cell], env, resolve_artifacts: bool = True) -> 
     from harness.inputs import check_backbone_spec, suite_data_context
 
     check_backbone_spec(suite.backbone)
+    refused = backbone_problems(suite, cells)
+    if refused:
+        raise HarnessError("\n".join(refused))
     ctx = suite_data_context(suite, env.cache_dir)
     problems: list[str] = []
     for name in dict.fromkeys(c.task for c in cells):
