@@ -192,13 +192,23 @@ def test_vpt_on_convnext_is_refused_before_any_trial(make_suite, capsys, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------------- suites
-@pytest.mark.parametrize("name", ["fgvc-convnext", "fgvc-vitl"])
+@pytest.mark.parametrize("name", ["fgvc-convnext", pytest.param("fgvc-vitl", marks=pytest.mark.slow)])
 def test_paper_suites_validate_and_plan_their_cells(name, capsys, tmp_path):
+    """Each ~2-5 s (the estimate counts the real backbone's FLOPs on the meta device); fgvc-vitl's is slow-marked,
+    the schema check below covers it by default."""
     code, out, err = _run(["run", "--suite", name, "--dry-run", "--no-progress"], capsys)
     assert code == 0, err
     for method in ("finetune", "lora", "toast"):
         for task in ("fgvc-cub", "fgvc-nabirds", "fgvc-flowers", "fgvc-dogs", "fgvc-cars"):
             assert f"{method}/{task}" in out
+
+
+def test_the_vitl_suite_validates_with_its_backbone_and_recipe():
+    from harness.sweep import load_suite
+
+    suite = load_suite("fgvc-vitl")
+    assert suite.backbone["name"] == "vit_large_patch16_224.orig_in21k"
+    assert backbone_family(suite.backbone["name"]) == "vit" and suite.raw["methods"] == ["finetune", "lora", "toast"]
 
 
 def test_the_convnext_table_compares_with_table_5(capsys, tmp_path):
