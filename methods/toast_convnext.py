@@ -1,4 +1,4 @@
-"""TOAST on ConvNeXt (paper §4.4 "TOAST is adaptable to Convnets", Table 5; docs/protocol.md §3.10): what
+"""TOAST on ConvNeXt (paper §4.4 "TOAST is adaptable to Convnets", Table 5; docs/protocol.md §3.12): what
 :class:`methods.toast.ToastMethod` asks when its backbone is a timm ConvNeXt. The model is
 :class:`methods.toast_convnext_model.TopDownConvNeXt` (imported where a model is built: this module stays free of
 torch, so the method's declarations are read without it).

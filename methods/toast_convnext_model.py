@@ -1,5 +1,5 @@
 """TOAST's model on a ConvNet: top-down attention steering around a frozen timm ConvNeXt (paper §4.4 "TOAST is
-adaptable to Convnets", Table 5; docs/protocol.md §3.10; the official ``convnext_top_down.py``).
+adaptable to Convnets", Table 5; docs/protocol.md §3.12; the official ``convnext_top_down.py``).
 
 The model wraps timm's ``ConvNeXt`` and reuses its stem, stages (downsampling layer + blocks) and head norm; nothing
 of the ConvNeXt is copied. Official stage ``i`` (``downsample_layers[i]`` then ``stages[i]``) is timm's ``stem`` +
