@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from harness.api import METHODS, BuildContext
 from harness.backbone import backbone_family, build_backbone, unsupported_backbone
+from harness.commands.run import backbone_problems
 from harness.errors import HarnessError
 from conftest import TINY_BACKBONE, TINY_PRETUNE
 
@@ -72,6 +73,12 @@ def test_zero_feedback_gives_the_frozen_backbone_features_exactly():
         for decoder in model.decoders:
             decoder.linear2.weight.zero_()
     assert torch.equal(model.forward_detailed(images()).features, model.backbone(images()))
+
+
+def test_the_cached_first_pass_gives_the_same_logits():
+    model = build("toast").eval()
+    with torch.no_grad():
+        assert torch.allclose(model.from_frozen(*model.frozen_forward(images())), model(images()), atol=1e-6)
 
 
 def test_signal_i_is_added_to_stage_is_input():
@@ -192,15 +199,35 @@ def test_vpt_on_convnext_is_refused_before_any_trial(make_suite, capsys, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------------- suites
-@pytest.mark.parametrize("name", ["fgvc-convnext", pytest.param("fgvc-vitl", marks=pytest.mark.slow)])
-def test_paper_suites_validate_and_plan_their_cells(name, capsys, tmp_path):
-    """Each ~2-5 s (the estimate counts the real backbone's FLOPs on the meta device); fgvc-vitl's is slow-marked,
-    the schema check below covers it by default."""
+PAPER_CELLS = {f"{m}/{t}" for m in ("finetune", "lora", "toast")
+               for t in ("fgvc-cub", "fgvc-nabirds", "fgvc-flowers", "fgvc-dogs", "fgvc-cars")}
+
+
+@pytest.mark.parametrize("name", ["fgvc-convnext", "fgvc-vitl"])
+def test_paper_suites_plan_the_papers_cells(name):
+    from harness.plan import plan_cells, select_names
+    from harness.sweep import load_suite
+
+    suite = load_suite(name)  # validated whole against the schema
+    cells = plan_cells(*select_names(suite, None, None))
+    assert {f"{c.method}/{c.task}" for c in cells} == PAPER_CELLS
+    assert not backbone_problems(suite, cells)
+
+
+def test_the_convnext_suite_dry_runs_on_no_data(capsys):
+    """TOAST's cells only (the estimate counts each method's FLOPs on the real backbone, ~1.5 s a method); the whole
+    suite's dry run is the slow test below."""
+    code, out, err = _run(["run", "--suite", "fgvc-convnext", "--dry-run", "--methods", "toast"], capsys)
+    assert code == 0, err
+    assert "toast/fgvc-cars" in out and "no data root" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fgvc-convnext", "fgvc-vitl"])
+def test_paper_suites_dry_run_every_cell(name, capsys):
     code, out, err = _run(["run", "--suite", name, "--dry-run", "--no-progress"], capsys)
     assert code == 0, err
-    for method in ("finetune", "lora", "toast"):
-        for task in ("fgvc-cub", "fgvc-nabirds", "fgvc-flowers", "fgvc-dogs", "fgvc-cars"):
-            assert f"{method}/{task}" in out
+    assert all(cell in out for cell in PAPER_CELLS)
 
 
 def test_the_vitl_suite_validates_with_its_backbone_and_recipe():
@@ -209,6 +236,20 @@ def test_the_vitl_suite_validates_with_its_backbone_and_recipe():
     suite = load_suite("fgvc-vitl")
     assert suite.backbone["name"] == "vit_large_patch16_224.orig_in21k"
     assert backbone_family(suite.backbone["name"]) == "vit" and suite.raw["methods"] == ["finetune", "lora", "toast"]
+
+
+@pytest.mark.parametrize("suite_name", ["fgvc-convnext", "fgvc-vitl"])
+def test_paper_suites_without_a_pretuned_module_name_the_command(suite_name, tmp_path):
+    from harness.api import ARTIFACTS, ArtifactRequest
+    from harness.inputs import suite_data_context
+    from harness.sweep import load_suite
+
+    suite = load_suite(suite_name)
+    request = ArtifactRequest("toast-pretuned", suite.name, tmp_path, suite.backbone, method="toast",
+                              sections={"pretune": suite.raw.get("pretune")},
+                              data=suite_data_context(suite, tmp_path), overrides=suite.overrides)
+    with pytest.raises(HarnessError, match=rf"run `harness pretune --suite {suite_name} --method toast`"):
+        ARTIFACTS.get("toast-pretuned")(request)
 
 
 def test_the_convnext_table_compares_with_table_5(capsys, tmp_path):
