@@ -164,6 +164,17 @@ class TopDownConvNeXt(nn.Module):
         return self.head(self.after_first_pass(image, top).features)
 
 
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``harness attention``'s panels, each B x h x w at the last stage's grid: the selection map (cosine of each
+        position with xi, clamped; a ConvNet has no attention to show) when token selection is on."""
+        with torch.no_grad():
+            top = self.first_pass(x)
+            _, similarity = self.select(top)
+        if similarity is None:
+            raise HarnessError("this TOAST model has no token selection: there is no map to show")
+        return {"token selection (cos with ξ)": similarity.reshape(-1, *top.shape[-2:])}
+
+
 def _stride(stage: nn.Module) -> int:
     down = stage.downsample
     conv = next((m for m in down.modules() if isinstance(m, nn.Conv2d)), None)

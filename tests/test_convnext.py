@@ -81,6 +81,11 @@ def test_the_cached_first_pass_gives_the_same_logits():
         assert torch.allclose(model.from_frozen(*model.frozen_forward(images())), model(images()), atol=1e-6)
 
 
+def test_the_selection_map_is_the_attention_panel():
+    maps = build("toast").attention_maps(torch.randn(2, 3, 64, 64))
+    assert list(maps) == ["token selection (cos with ξ)"] and maps["token selection (cos with ξ)"].shape == (2, 2, 2)
+
+
 def test_signal_i_is_added_to_stage_is_input():
     model = build("toast")
     inputs, outputs = {}, {}
