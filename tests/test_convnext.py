@@ -159,6 +159,11 @@ def test_official_convnext_checkpoint_keys_load_with_their_semantics(tmp_path):
     load_top_down(other, read_convnext_checkpoint(path), "load")
     assert torch.equal(other.backbone.stages[1].blocks[0].mlp.fc1.weight,
                        source.backbone.stages[1].blocks[0].mlp.fc1.weight)
+    # the official final norm (`norm`) is the backbone's head.norm: compared too, the classifier is not
+    with torch.no_grad():
+        other.backbone.head.norm.weight.add_(1.0)
+    with pytest.raises(HarnessError, match="head.norm.weight"):
+        load_top_down(other, read_convnext_checkpoint(path), "check")
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA, family
