@@ -27,6 +27,9 @@ def make_convnext_model(method: Any, backbone: Any, num_classes: int, hp: dict[s
     """The convolutional top-down model for ``method`` (a :class:`methods.toast.ToastMethod`)."""
     from methods.toast_convnext_model import TopDownConvNeXt
 
+    if method.backbones and "convnext" not in method.backbones:  # e.g. toast-lite, when built outside a run
+        raise HarnessError(f"method {method.name} cannot run on a ConvNeXt backbone: it supports "
+                           f"{', '.join(method.backbones)} backbones only")
     if method.feedback != "full":
         raise HarnessError(f"{method.name}: feedback '{method.feedback}' is defined for ViT backbones only; on a "
                            "ConvNeXt TOAST feeds back from the last stage into all four (toast)")

@@ -192,6 +192,12 @@ def test_backbone_families_and_what_each_method_supports():
         assert unsupported_backbone(METHODS.get(name), {"name": "vit_large_patch16_224"}) is None, name
 
 
+@pytest.mark.parametrize("name", ["toast-lite", "toast-early"])
+def test_a_vit_only_toast_variant_built_on_convnext_is_one_clear_error(name):
+    with pytest.raises(HarnessError, match=f"method {name} cannot run on a ConvNeXt backbone: it supports vit"):
+        build(name)
+
+
 def test_vpt_on_convnext_is_refused_before_any_trial(make_suite, capsys, monkeypatch):
     import harness.train
 
