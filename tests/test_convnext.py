@@ -238,6 +238,15 @@ def test_the_convnext_suite_dry_runs_on_no_data(capsys):
     assert "toast/fgvc-cars" in out and "no data root" in err
 
 
+def test_a_dry_run_warns_about_a_refused_method_and_estimates_the_others(make_suite, capsys):
+    suite = make_suite("cndry", methods=["vpt-deep", "linear"], tasks=["demo-digits"], backbone=TINY_CONVNEXT,
+                       grids={"vpt-deep": {"lr": [0.1], "weight_decay": [0.0]}})
+    code, out, err = _run(["run", "--suite", str(suite), "--dry-run"], capsys)
+    assert code == 0, err
+    assert "warning: method vpt-deep cannot run on backbone convnext_tiny (convnext)" in err
+    assert "linear " in out.split("estimated compute")[-1] and "vpt-deep " not in out.split("estimated compute")[-1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fgvc-convnext", "fgvc-vitl"])
 def test_paper_suites_dry_run_every_cell(name, capsys):

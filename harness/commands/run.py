@@ -236,7 +236,9 @@ def main(args: argparse.Namespace) -> int:
         print(tabulate(rows, headers="keys", tablefmt="simple"))
         if args.gpus_available < 1:
             raise HarnessError(f"--gpus-available: expected 1 or more, got {args.gpus_available}")
-        for line in estimate(suite, cells, store, results_dir(args), gpus=args.gpus_available,
+        refused = refused_methods(suite, cells)  # warned about below; not built for the estimate
+        runnable = [c for c in cells if c.method not in refused]
+        for line in estimate(suite, runnable, store, results_dir(args), gpus=args.gpus_available,
                              feature_cache=env.feature_cache).lines():
             print(line)
         for warning in warnings:
@@ -290,12 +292,18 @@ def dry_run_problems(suite, cells: list[Cell], env) -> list[str]:
     return group_problems(problems)
 
 
-def backbone_problems(suite, cells: list[Cell]) -> list[str]:
-    """One line per selected method that cannot run on the suite's backbone family (``Method.backbones``)."""
+def refused_methods(suite, cells: list[Cell]) -> dict[str, str]:
+    """The selected methods that cannot run on the suite's backbone family (``Method.backbones``), each with its
+    one line."""
     from harness.backbone import unsupported_backbone
 
-    lines = [unsupported_backbone(METHODS.get(name), suite.backbone) for name in dict.fromkeys(c.method for c in cells)]
-    return [line for line in lines if line]
+    names = dict.fromkeys(c.method for c in cells)
+    lines = {name: unsupported_backbone(METHODS.get(name), suite.backbone) for name in names}
+    return {name: line for name, line in lines.items() if line}
+
+
+def backbone_problems(suite, cells: list[Cell]) -> list[str]:
+    return list(refused_methods(suite, cells).values())
 
 
 def group_problems(problems: list[str]) -> list[str]:
