@@ -277,6 +277,16 @@ def test_paper_suites_without_a_pretuned_module_name_the_command(suite_name, tmp
         ARTIFACTS.get("toast-pretuned")(request)
 
 
+def test_a_suites_backbone_picks_the_reference_rows():
+    from harness.reference import SUITE_BACKBONES, load, reference_backbone
+
+    assert set(SUITE_BACKBONES.values()) <= set(load("toast-paper")["backbone"])
+    assert reference_backbone("toast-paper", "convnext_base.fb_in1k") == "convnext-b"
+    assert reference_backbone("toast-paper", "vit_large_patch16_224.orig_in21k") == "vit-l16-in21k"
+    assert reference_backbone("vpt-paper", "convnext_base.fb_in1k") is None  # no such rows: the source's default
+    assert reference_backbone("toast-paper", "vit_small_patch16_224") is None
+
+
 def test_the_convnext_table_compares_with_table_5(capsys, tmp_path):
     code, out, err = _run(["table", "--suite", "fgvc-convnext", "--reference", "toast-paper",
                            "--results", str(tmp_path)], capsys)
