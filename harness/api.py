@@ -126,6 +126,10 @@ class Method(abc.ABC):
     defaults: dict[str, Any] = {}
     #: artifacts the method needs resolved before it can build (e.g. a pre-tuned top-down checkpoint)
     needs: tuple[str, ...] = ()
+    #: the backbone families the method can run on (:func:`harness.backbone.backbone_family` of the suite's timm
+    #: name: ``vit``, ``convnext``, ...; e.g. VPT's prompt tokens need a ViT: ``("vit",)``); empty: any. A run on
+    #: another family is refused before its first trial, with one line naming the method, backbone and families
+    backbones: tuple[str, ...] = ()
     # What of the model runs in eval mode while it trains is the model's declaration, and the engine keeps it so
     # (harness.loop.train_mode; a model writes no ``train()`` override): ``model.frozen_modules`` names the frozen
     # submodules (dotted, e.g. ``("backbone",)``; none when absent), ``model.trains_in_frozen`` the modules inside

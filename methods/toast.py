@@ -71,6 +71,8 @@ class ToastMethod(Method):
     hparam_keys = ("pretuned_backbone", "drop_path", "seg_feedback")
     hparam_choices = {"seg_feedback": FEEDBACK_KINDS}
     needs = ("toast-pretuned",)
+    #: ViT (attention's V steered) and ConvNeXt (the convolutional module: :mod:`methods.toast_convnext`)
+    backbones = ("vit", "convnext")
     suite_sections = ("pretune",)
     #: the first pass is cached where the task allows (harness/features.py); its content depends on the feedback
     #: span only, so every variant with the same span shares one cache
@@ -125,10 +127,13 @@ class ToastMethod(Method):
 
     def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any],
                    feedback: str | None = None) -> TopDownViT:
+        from methods.toast_convnext import is_convnext, make_convnext_model
         from methods.toast_model import TopDownViT
 
         hp = {**self.defaults, **hparams}
         freeze(backbone)
+        if is_convnext(backbone):  # the convolutional top-down module (paper §4.4, Table 5)
+            return make_convnext_model(self, backbone, num_classes, hp)
         return TopDownViT(backbone, num_classes, feedback=feedback or self.feedback,
                           token_selection=self.token_selection, v_bias_twice=bool(hp["v_bias_twice"]),
                           frozen_eval=bool(hp["frozen_eval"]))
@@ -142,9 +147,14 @@ class ToastMethod(Method):
         model = self.make_model(backbone, num_classes, ctx.hparams, feedback)
         if self.pretuned and not ctx.random_init:
             from methods.toast_checkpoint import load_top_down
+            from methods.toast_model import TopDownViT
 
-            path = ctx.resolve_artifact("toast-pretuned")
-            report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")),
+            path = source = ctx.resolve_artifact("toast-pretuned")
+            if not isinstance(model, TopDownViT):  # the ConvNeXt module: official backbone keys renamed first
+                from methods.toast_convnext import read_convnext_checkpoint
+
+                source = read_convnext_checkpoint(path)
+            report = load_top_down(model, source, str(ctx.hparams.get("pretuned_backbone", "check")),
                                    hparams=ctx.hparams, method=self.name or "toast")
             # a narrower span than the module was pre-tuned for uses the decoders of its own layers only
             if report.unexpected and (feedback or self.feedback) == self.feedback:
@@ -178,6 +188,7 @@ class ToastLite(ToastMethod):
     weights stay frozen; xi, P and the head train."""
 
     description = "TOAST with rank-4 LoRA on the feedback path (merged per step); xi, P and the head train"
+    backbones = ("vit",)  # LoRA on linear feedback layers; the ConvNeXt module's are convolutions
     #: 2: the feedback LoRA computed merged (W + s B A per step) instead of peft's per-token form
     version = 2
     defaults = {**ToastMethod.defaults, "lora_rank": 4, "lora_alpha": 1.0}
@@ -193,6 +204,7 @@ class ToastLite(ToastMethod):
 class ToastEarly(ToastMethod):
     description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
     group = "toast-variant"
+    backbones = ("vit",)  # a middle block to feed back from
     feedback = "early"
     seg_feedback = "early"
     frozen_features = "first-pass-early"  # the first pass stops at the middle block
@@ -201,6 +213,7 @@ class ToastEarly(ToastMethod):
 class ToastLate(ToastMethod):
     description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
     group = "toast-variant"
+    backbones = ("vit",)
     feedback = "late"
     seg_feedback = "late"
     frozen_features = "first-pass-late"  # shared: the lower half's output, computed once for both passes
