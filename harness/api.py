@@ -126,6 +126,10 @@ class Method(abc.ABC):
     defaults: dict[str, Any] = {}
     #: artifacts the method needs resolved before it can build (e.g. a pre-tuned top-down checkpoint)
     needs: tuple[str, ...] = ()
+    #: the backbone families the method can run on (:func:`harness.backbone.backbone_family` of the suite's timm
+    #: name: ``vit``, ``convnext``, ...; e.g. VPT's prompt tokens need a ViT: ``("vit",)``); empty: any. A run on
+    #: another family is refused before its first trial, with one line naming the method, backbone and families
+    backbones: tuple[str, ...] = ()
     # What of the model runs in eval mode while it trains is the model's declaration, and the engine keeps it so
     # (harness.loop.train_mode; a model writes no ``train()`` override): ``model.frozen_modules`` names the frozen
     # submodules (dotted, e.g. ``("backbone",)``; none when absent), ``model.trains_in_frozen`` the modules inside
@@ -159,6 +163,12 @@ class Method(abc.ABC):
     def section_keys(self, section: str) -> dict[str, Any]:
         """The keys one of this method's ``suite_sections`` accepts, with their defaults (for validation)."""
         return {}
+
+    def check_stage(self, request: "ArtifactRequest") -> Path | None:
+        """Before ``harness pretune --executor slurm`` submits the stage that makes ``request.name`` (one of
+        :attr:`needs`) as a job: raise a HarnessError for what would stop it at its start (its settings, a data
+        folder that is not there), and return where its result will land (None: the provider decides later)."""
+        return None
 
     def backbone_args(self, hparams: dict[str, Any]) -> dict[str, Any]:
         """Extra ``timm.create_model`` arguments this trial's backbone is built with. ``frozen_eval: false`` (the

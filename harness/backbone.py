@@ -21,6 +21,35 @@ from typing import Any
 from harness.errors import HarnessError
 
 
+#: timm model module -> backbone family (:attr:`harness.api.Method.backbones`); other modules are their own family
+FAMILY_OF_MODULE = {"vision_transformer": "vit", "deit": "vit", "vision_transformer_hybrid": "vit-hybrid"}
+
+
+def backbone_family(name: str) -> str:
+    """The family of a timm model name (its architecture's module: ``vit`` for ViT and DeiT, ``convnext``, ...),
+    from timm's registry without building the model."""
+    import timm
+
+    arch = str(name).split(".", 1)[0]
+    if not timm.is_model(arch):
+        return arch.split("_", 1)[0]
+    module = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
+    return FAMILY_OF_MODULE.get(module, module)
+
+
+def unsupported_backbone(method: Any, spec: dict[str, Any]) -> str | None:
+    """One line saying that ``method`` (a :class:`harness.api.Method`) cannot run on the backbone ``spec``, or None
+    when it can (its ``backbones`` is empty or names the backbone's family)."""
+    supported = tuple(getattr(method, "backbones", ()) or ())
+    if not supported:
+        return None
+    family = backbone_family(spec["name"])
+    if family in supported:
+        return None
+    return (f"method {method.name} cannot run on backbone {spec['name']} ({family}): it supports "
+            f"{', '.join(supported)} backbones only")
+
+
 def resolve_weights(spec: dict[str, Any], resolve_artifact: Callable[[str], Path] | None) -> str | Path | None:
     """The weights entry as None, "timm", or an existing local path."""
     weights = spec.get("weights")

@@ -187,7 +187,9 @@ def _flops(suite: Suite, cell: Cell, cache: dict[tuple[str, str], tuple[float, f
     if key not in cache:
         spec = {**suite.backbone, "weights": None,
                 "model_args": {**task.backbone_args(ctx), **(suite.backbone.get("model_args") or {})}}
-        counted = method_cost(METHODS.get(cell.method), spec, task.num_classes, image_size=size)
+        # the suite's settings for the method (e.g. LoRA's target modules on a ConvNeXt) build what its trials build
+        counted = method_cost(METHODS.get(cell.method), spec, task.num_classes,
+                              hparams=suite.settings_for(cell.method, cell.task), image_size=size)
         with torch.device("meta"):
             backbone = build_backbone(spec)
         plain = float(forward_flops(backbone, size, "meta") or 0.0)

@@ -233,10 +233,12 @@ class EpochTotals:
 
 def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, objective: Objective, scheduler: Any,
                 memory: Any, *, device: str, amp: bool, per_step: bool, steps: int,
-                max_steps: int | None, world: World = SINGLE) -> EpochTotals:
+                max_steps: int | None, world: World = SINGLE,
+                on_batch: Callable[[int], None] | None = None) -> EpochTotals:
     """One epoch of :func:`fit`: a :func:`train_step` per batch (the schedule stepped per step when ``per_step``),
     until the data ends, ``max_steps`` optimiser steps were taken in all, or the loss is not finite. With several
-    ranks the totals are this rank's (:meth:`EpochTotals.summed` adds them up)."""
+    ranks the totals are this rank's (:meth:`EpochTotals.summed` adds them up). ``on_batch(n)``: after each step,
+    with the number of images this rank trained on (a progress bar's count)."""
     train_mode(model)
     totals = EpochTotals(steps=steps)
     # modules that adapt themselves as they train (harness.api.Method: after_optimizer_step), wherever they sit in
@@ -266,6 +268,8 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         if labels is None:
             continue
         n = labels.shape[0]
+        if on_batch is not None:
+            on_batch(n)
         totals.loss += loss.item() * n
         totals.seen += n
         for key, value in logs.items():
@@ -292,11 +296,14 @@ def fit(
     checkpoint: Path | None = None,
     checkpoint_every: int = 1,
     progress: str | None = None,
+    progress_images: bool = False,
     max_steps: int | None = None,
     evaluate_every: int = 1,
     world: World = SINGLE,
 ) -> FitResult:
-    """Train ``model`` (already on ``device``) for ``epochs`` over ``loader``; see the module docstring."""
+    """Train ``model`` (already on ``device``) for ``epochs`` over ``loader``; see the module docstring.
+    ``progress``: a progress bar's label; per epoch, or with ``progress_images`` (long epochs: a pre-tuning on
+    ImageNet) per image over the whole run, so it shows images/s and the time left."""
     from harness.cost import PeakMemory
 
     objective = objective or cross_entropy()
@@ -311,7 +318,15 @@ def fit(
     steps = int(result.history[-1].get("steps", 0)) if result.history else 0
     epoch_iter: Any = range(start, epochs)
     bar = None
-    if progress:
+    on_batch = None
+    per_epoch = len(getattr(loader, "dataset", ())) if progress_images else 0
+    if progress and per_epoch:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=progress, leave=False, unit="img", unit_scale=True, dynamic_ncols=True, smoothing=0.05,
+                   initial=start * per_epoch, total=epochs * per_epoch)
+        on_batch = lambda n: bar.update(n * world.size)  # noqa: E731 - this rank's images x ranks: the global count
+    elif progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(epoch_iter, desc=progress, leave=False, unit="ep", dynamic_ncols=True,
@@ -324,7 +339,7 @@ def fit(
                 lr = scheduler.get_last_lr()[0]
                 totals = train_epoch(model, loader, optimizer, objective, scheduler, memory, device=device, amp=amp,
                                      per_step=per_step, steps=steps, max_steps=max_steps,
-                                     world=world).summed(world)
+                                     world=world, on_batch=on_batch).summed(world)
                 steps = totals.steps
                 result.train_seconds += time.perf_counter() - t0
                 _add(result.phases, "data", totals.data_s)
@@ -348,7 +363,13 @@ def fit(
                 if not per_step:
                     scheduler.step()
                 if bar is not None:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k not in ("epoch", "lr")})
+                    if on_batch is not None:  # the exact count at the epoch's end (ranks' slices differ by one)
+                        bar.n = min((epoch + 1) * per_epoch, bar.total)
+                        entry_shown = {"epoch": f"{epoch + 1}/{epochs}"}
+                    else:
+                        entry_shown = {}
+                    bar.set_postfix({**entry_shown, **{k: f"{v:.3g}" for k, v in entry.items()
+                                                       if k not in ("epoch", "lr")}})
                 if last:
                     break
                 if checkpoint is not None and (epoch + 1) % checkpoint_every == 0:

@@ -84,6 +84,19 @@ TASK_NAMES: dict[str, dict[str, str]] = {
 
 #: source -> the backbone of its headline tables: what `harness table --reference` compares by default
 DEFAULT_BACKBONE: dict[str, str] = {"toast-paper": "vit-b16-deit-in1k", "vpt-paper": "vit-b16-in21k"}
+#: a suite's timm architecture (its backbone name before the tag) -> the reference sources' backbone label: a suite
+#: on one of these is compared with the rows of that backbone (fgvc-convnext with Table 5, fgvc-vitl with Table 6)
+SUITE_BACKBONES: dict[str, str] = {"convnext_base": "convnext-b", "vit_large_patch16_224": "vit-l16-in21k",
+                                   "deit_base_patch16_224": "vit-b16-deit-in1k"}
+
+
+def reference_backbone(source: str, timm_name: str) -> str | None:
+    """The backbone label of ``source``'s rows a suite on ``timm_name`` is compared with: the architecture's
+    (:data:`SUITE_BACKBONES`) when the source prints rows for it, else None (the source's default)."""
+    label = SUITE_BACKBONES.get(str(timm_name).split(".", 1)[0])
+    if label is None or label not in set(load(source)["backbone"]):
+        return None
+    return label
 
 
 def our_method(name: str) -> str:
@@ -226,13 +239,15 @@ class Comparison:
 
     source: str
     table: str | None = None
+    #: the source's rows of this backbone instead of its default (:func:`reference_backbone`)
+    backbone: str | None = None
 
     def cells(self, methods: list[str], groups: dict[str, list[str]]) -> dict[tuple[str, str], PaperCell]:
         """(our method, our table's column) -> the paper's number. Columns are task names, ``<group> (mean)`` and
         ``mean`` as :func:`harness.table.build_table` names them. A paper average is given for a mean column only
         when it averages exactly the column's tasks."""
         frame = load(self.source)
-        default = DEFAULT_BACKBONE.get(self.source)
+        default = self.backbone or DEFAULT_BACKBONE.get(self.source)
         if self.table is not None:
             frame = select_table(frame, self.source, self.table)
         elif default is not None:
@@ -268,7 +283,7 @@ class Comparison:
         used = sorted({c.table for c in cells.values()}, key=_table_key)
         where = f"Table {self.table}" if self.table else (f"Table{'s' if len(used) > 1 else ''} {', '.join(used)}"
                                                            if used else "no table")
-        backbone = "" if self.table else f", backbone {DEFAULT_BACKBONE.get(self.source, 'any')}"
+        backbone = "" if self.table else f", backbone {self.backbone or DEFAULT_BACKBONE.get(self.source, 'any')}"
         return (f"paper: {self.source} {where}{backbone} (harness reference show {self.source} --table N); "
                 f"Δ = ours − paper")
 

@@ -24,8 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 RECORD_SCHEMA = 1
 #: each cell folder's index of its records' settings (:meth:`Store.settings_index`); a dot file, so no scan reads it
-INDEX_NAME = ".settings-index.json"
+INDEX_NAME = ".settings-index"  # not *.json: scripts that glob records do not pick it up
 INDEX_SCHEMA = 1
+#: the spec fields that are a suite's settings (the keys of :meth:`harness.sweep.Suite.spec_base`, sorted): what
+#: the settings index is keyed by when a record is written (tests/test_read_path.py checks they agree)
+SETTINGS_FIELDS = ("backbone", "data", "overrides", "protocol", "suite", "train")
 STATUSES = tuple(STATE_OF_STATUS)
 REQUIRED_FIELDS = ("schema", "id", "spec", "status", "metrics", "curve", "params", "provenance")
 
@@ -105,7 +108,25 @@ class Store:
         record = dict(record, schema=RECORD_SCHEMA, id=spec.id, spec=spec.to_dict())
         path = self.path_for(spec)
         atomic_write_json(path, record)
+        self._note_in_index(path, record["spec"])
         return path
+
+    def _note_in_index(self, path: Path, spec: dict[str, Any]) -> None:
+        """Add a record just written to its folder's settings index (:meth:`settings_index`), so the first
+        ``status`` after a run of thousands of trials does not parse them all. Best effort: when two writers race,
+        or the index is of other keys, a reader finds the entry missing or stale and reads that record again."""
+        index_path = path.parent / INDEX_NAME
+        try:
+            cached = json.loads(index_path.read_text()) if index_path.exists() else {}
+            if cached.get("schema") != INDEX_SCHEMA or cached.get("keys") != list(SETTINGS_FIELDS):
+                cached = {"schema": INDEX_SCHEMA, "keys": list(SETTINGS_FIELDS), "files": {}}
+            stat = path.stat()
+            cached["files"][path.name] = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "problem": None,
+                                          "key": settings_key(spec, dict.fromkeys(SETTINGS_FIELDS)),
+                                          "stage": spec.get("stage")}
+            atomic_write_json(index_path, cached)
+        except (OSError, ValueError, AttributeError, TypeError):  # the record is written; the index is a cache
+            pass
 
     def scan(self, suite: str | None = None) -> list[dict[str, Any]]:
         """Every valid record under the results folder (of one suite if given); problems are collected."""

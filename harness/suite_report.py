@@ -178,7 +178,7 @@ def search_figure(suite: Suite, store: Store, method: str, task: str) -> Any | N
 def suite_page(suite: Suite, store: Store, methods: list[str], tasks: list[str], source: str = "") -> str:
     """The page (see the module docstring); ``source`` says where the records were read (results folder, run)."""
     from harness.figures import task_bars, tradeoff
-    from harness.reference import Comparison
+    from harness.reference import Comparison, reference_backbone
     from harness.table import build_table, suite_summary
     from harness.table_render import task_label
 
@@ -191,8 +191,9 @@ def suite_page(suite: Suite, store: Store, methods: list[str], tasks: list[str],
              + (f" · overrides {esc(str(suite.overrides))}" if suite.overrides else "") + "</p>",
              "<h2>Table</h2>", _csv_table(build_table(suite, store, methods, tasks, fmt="csv"))]
     for ref in covering_sources(tasks):
+        compared = Comparison(ref, backbone=reference_backbone(ref, suite.backbone["name"]))
         parts += [f"<h2>Beside {esc(ref)}</h2>",
-                  _csv_table(build_table(suite, store, methods, tasks, fmt="csv", reference=Comparison(ref)))]
+                  _csv_table(build_table(suite, store, methods, tasks, fmt="csv", reference=compared))]
     parts += ["<h2>Figures</h2><div class='figures'>",
               _figure_html("per task: seed mean, seeds' std as error bars", task_bars(summary, methods, tasks)),
               _figure_html("mean over tasks against trainable parameters", tradeoff(summary, methods)), "</div>"]

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class _Adapter(Method):
     family = "adapter"
+    backbones = ("vit",)  # after the MLP of a ViT block
     group = "petl"
     optimizer = "adamw"
     warmup_epochs = 10

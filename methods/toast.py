@@ -31,10 +31,12 @@ Settings (hyperparameters with defaults; a sweep may override them):
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.api import BuildContext, Method
+from harness.api import ArtifactRequest, BuildContext, Method
 from harness.errors import HarnessError
 from methods.common import freeze
 from methods.toast_pretune import DEFAULTS as PRETUNE_DEFAULTS
@@ -69,6 +71,8 @@ class ToastMethod(Method):
     hparam_keys = ("pretuned_backbone", "drop_path", "seg_feedback")
     hparam_choices = {"seg_feedback": FEEDBACK_KINDS}
     needs = ("toast-pretuned",)
+    #: ViT (attention's V steered) and ConvNeXt (the convolutional module: :mod:`methods.toast_convnext`)
+    backbones = ("vit", "convnext")
     suite_sections = ("pretune",)
     #: the first pass is cached where the task allows (harness/features.py); its content depends on the feedback
     #: span only, so every variant with the same span shares one cache
@@ -85,12 +89,51 @@ class ToastMethod(Method):
     def section_keys(self, section: str) -> dict[str, Any]:
         return dict(PRETUNE_DEFAULTS) if section == "pretune" else {}
 
+    def check_stage(self, request: ArtifactRequest) -> Path | None:
+        """Before the pre-tuning (:mod:`methods.toast_pretune`) is submitted as a job: its section and its data
+        (the image folder holds class folders; or the task, its split and its data), and the file it will write
+        (the one this method's trials look up, or ``--output``/``pretune.checkpoint``)."""
+        from harness.api import TASKS
+        from methods.toast_pretune import cache_key, default_path, pretune_architecture, section_of
+
+        if request.sections.get("pretune") is None:
+            raise HarnessError(f"method {self.name} needs a pre-tuned top-down module, but suite '{request.suite}' "
+                               "has no pretune section: add `pretune: {image_folder: <ImageNet train folder>}` "
+                               "(or `{task: <upstream task>}`)")
+        cfg = section_of(request.sections["pretune"])
+        if cfg["image_folder"]:
+            root = Path(os.path.expanduser(str(cfg["image_folder"])))
+            if not root.is_dir() or not any(entry.is_dir() for entry in os.scandir(root)):
+                raise HarnessError(f"pretune.image_folder {root} is not a folder of class folders (expected "
+                                   "<root>/<class>/<image> files)")
+        elif cfg["task"]:
+            task = TASKS.get(cfg["task"])
+            if cfg["split"] not in task.splits:
+                raise HarnessError(f"pretune.split: task {task.name} has splits {', '.join(task.splits)}, "
+                                   f"not '{cfg['split']}'")
+            problems = task.check(request.data, deep=False) if request.data is not None else []
+            if problems:
+                raise HarnessError(f"pretune.task {task.name}: its data is not ready: {'; '.join(problems)}")
+        else:
+            raise HarnessError("pretune: set 'task' (a registered task, e.g. demo-upstream) or 'image_folder'")
+        if request.output:
+            return Path(request.output)
+        if cfg["checkpoint"]:
+            return Path(os.path.expanduser(str(cfg["checkpoint"])))
+        if request.data is None:
+            return None
+        return default_path(request.cache_dir, cache_key(request.backbone, cfg, pretune_architecture(self),
+                                                         request.data))
+
     def make_model(self, backbone: nn.Module, num_classes: int, hparams: dict[str, Any],
                    feedback: str | None = None) -> TopDownViT:
+        from methods.toast_convnext import is_convnext, make_convnext_model
         from methods.toast_model import TopDownViT
 
         hp = {**self.defaults, **hparams}
         freeze(backbone)
+        if is_convnext(backbone):  # the convolutional top-down module (paper §4.4, Table 5)
+            return make_convnext_model(self, backbone, num_classes, hp)
         return TopDownViT(backbone, num_classes, feedback=feedback or self.feedback,
                           token_selection=self.token_selection, v_bias_twice=bool(hp["v_bias_twice"]),
                           frozen_eval=bool(hp["frozen_eval"]))
@@ -104,9 +147,14 @@ class ToastMethod(Method):
         model = self.make_model(backbone, num_classes, ctx.hparams, feedback)
         if self.pretuned and not ctx.random_init:
             from methods.toast_checkpoint import load_top_down
+            from methods.toast_model import TopDownViT
 
-            path = ctx.resolve_artifact("toast-pretuned")
-            report = load_top_down(model, path, str(ctx.hparams.get("pretuned_backbone", "check")),
+            path = source = ctx.resolve_artifact("toast-pretuned")
+            if not isinstance(model, TopDownViT):  # the ConvNeXt module: official backbone keys renamed first
+                from methods.toast_convnext import read_convnext_checkpoint
+
+                source = read_convnext_checkpoint(path)
+            report = load_top_down(model, source, str(ctx.hparams.get("pretuned_backbone", "check")),
                                    hparams=ctx.hparams, method=self.name or "toast")
             # a narrower span than the module was pre-tuned for uses the decoders of its own layers only
             if report.unexpected and (feedback or self.feedback) == self.feedback:
@@ -140,6 +188,7 @@ class ToastLite(ToastMethod):
     weights stay frozen; xi, P and the head train."""
 
     description = "TOAST with rank-4 LoRA on the feedback path (merged per step); xi, P and the head train"
+    backbones = ("vit",)  # LoRA on linear feedback layers; the ConvNeXt module's are convolutions
     #: 2: the feedback LoRA computed merged (W + s B A per step) instead of peft's per-token form
     version = 2
     defaults = {**ToastMethod.defaults, "lora_rank": 4, "lora_alpha": 1.0}
@@ -155,6 +204,7 @@ class ToastLite(ToastMethod):
 class ToastEarly(ToastMethod):
     description = "TOAST with early feedback: the first pass stops at the middle block (~1.5x backbone FLOPs)"
     group = "toast-variant"
+    backbones = ("vit",)  # a middle block to feed back from
     feedback = "early"
     seg_feedback = "early"
     frozen_features = "first-pass-early"  # the first pass stops at the middle block
@@ -163,6 +213,7 @@ class ToastEarly(ToastMethod):
 class ToastLate(ToastMethod):
     description = "TOAST with late feedback into the upper half only; the lower half is shared (~1.5x FLOPs)"
     group = "toast-variant"
+    backbones = ("vit",)
     feedback = "late"
     seg_feedback = "late"
     frozen_features = "first-pass-late"  # shared: the lower half's output, computed once for both passes

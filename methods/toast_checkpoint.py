@@ -219,8 +219,10 @@ def load_top_down(model: TopDownViT, source: str | Path | Checkpoint, backbone_k
         update[key] = value
     model.load_state_dict(update, strict=False)
     unexpected = sorted(set(given) - set(own))
-    ignored = sorted(k for k in state if k.startswith("head."))
-    rest = {k: v for k, v in state.items() if not k.startswith(TOP_DOWN_KEYS) and not k.startswith("head.")}
+    # head.* is the file's task or pre-tuning head, except a backbone's own head keys (ConvNeXt's final norm)
+    in_backbone = set(model.backbone.state_dict())
+    ignored = sorted(k for k in state if k.startswith("head.") and k not in in_backbone)
+    rest = {k: v for k, v in state.items() if not k.startswith(TOP_DOWN_KEYS) and k not in ignored}
     backbone_note = _backbone_keys(model.backbone, rest, backbone_keys, path, unexpected)
     model.v_bias_twice = bool(settings["v_bias_twice"])
     model.checkpoint_settings = {**settings, "origin": checkpoint.origin, "checkpoint": str(path),

@@ -309,7 +309,7 @@ def pretune_dataset(cfg: dict[str, Any], data: DataContext,
     the size and normalisation of ``data`` (what the suite's trials use)."""
     if cfg["image_folder"]:
         from timm.data import create_transform, resolve_data_config
-        from torchvision.datasets import ImageFolder
+        from methods.image_folder import CachedImageFolder
 
         root = Path(os.path.expanduser(str(cfg["image_folder"])))
         if not root.is_dir():
@@ -320,7 +320,7 @@ def pretune_dataset(cfg: dict[str, Any], data: DataContext,
         config.update(mean=tuple(data.mean), std=tuple(data.std))
         # DeiT-style training crops and flips; no mixup/cutmix (paper A.2)
         transform = create_transform(**config, is_training=True)
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = CachedImageFolder(str(root), transform=transform, cache_dir=data.cache_dir)
         return dataset, len(dataset.classes), f"imagefolder:{root}:{len(dataset)}"
     if not cfg["task"]:
         raise HarnessError("pretune: set 'task' (a registered task, e.g. demo-upstream) or 'image_folder'")

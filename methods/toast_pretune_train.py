@@ -92,7 +92,7 @@ def pretune_model(model: TopDownViT, loader, cfg: dict[str, Any], device: str = 
                  objective=pretune_objective(float(cfg["var_loss_weight"]), bool(cfg["first_pass_ce"])),
                  lr_factor=lambda step: lr_at(step, total, warmup, cooldown, lr, min_lr) / lr, per_step=True,
                  device=device, amp=bool(cfg.get("amp", True)), generator=generator, checkpoint=checkpoint,
-                 progress=desc if progress else None, **({"world": world} if world is not None else {}))
+                 progress=desc if progress else None, progress_images=True, **({"world": world} if world is not None else {}))
     if result.status != "ok":
         epoch = result.history[-1]["epoch"] if result.history else 1
         raise HarnessError(f"pre-tuning diverged in epoch {epoch} (non-finite loss; learning rate "

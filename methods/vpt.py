@@ -58,6 +58,7 @@ def default_prompt_length(task: Task) -> int:
 
 class _VPT(Method):
     family = "prompt"
+    backbones = ("vit",)  # prompt tokens go between a ViT's tokens
     optimizer = "sgd"
     warmup_epochs = 10
     # docs/protocol.md §5.5 (VPT and TOAST tune_vtab.py); base lrs, scaled by batch/256 where the suite says so

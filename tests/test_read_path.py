@@ -121,11 +121,30 @@ def test_stale_records_are_found_through_the_index_and_it_follows_changes(tmp_pa
     assert cell_state(suite, cell, Store(store.root)).stale == []
 
 
+def test_records_are_indexed_as_they_are_written(tmp_path, monkeypatch):
+    """The first reader after a run parses one record per group of other settings (to name them), not every
+    record: each write added its own index entry."""
+    from harness.store import SETTINGS_FIELDS
+
+    suite = load_suite("demo", seeds=1)
+    assert list(SETTINGS_FIELDS) == sorted(suite.spec_base())
+    store = Store(tmp_path / "results")
+    complete_plan(store, load_suite("demo", seeds=1, epochs=1))  # records of other settings
+    complete_plan(store, suite)
+    reader, parsed, check = Store(store.root), [], Store._check
+    monkeypatch.setattr(Store, "_check", lambda self, path: parsed.append(path) or check(self, path))
+    groups = reader.other_settings(suite)
+    assert [g["overrides"] for g in groups] == [{"epochs": 1, "seeds": 1}] and groups[0]["records"] > 1
+    assert len(parsed) == 1
+
+
 def test_a_read_only_results_folder_still_reads(tmp_path, monkeypatch):
     suite = load_suite("demo", seeds=1)
     store = Store(tmp_path / "results")
     put_cell = Cell("linear", "demo-digits")
     complete_plan(store, suite)
+    for index in store.root.rglob(INDEX_NAME):  # records copied in from elsewhere: no index beside them
+        index.unlink()
 
     def refuse(*args, **kwargs):
         raise PermissionError("read-only")

@@ -117,6 +117,13 @@ def _cost_row(method, args: argparse.Namespace) -> dict[str, Any]:
     key = cost_key(method, spec, num_classes, hparams, args.image_size, not args.no_flops)
     if cached_cost(cache_dir(), key) is None:
         _check_backbone(args.backbone)  # an unknown name is one clear error (importing timm: on a miss only)
+    if getattr(method, "backbones", ()):
+        from harness.backbone import backbone_family, unsupported_backbone
+
+        if unsupported_backbone(method, spec):
+            row = {"# trainable (M)": f"not for {backbone_family(args.backbone)} backbones (supports "
+                                      f"{', '.join(method.backbones)})", "head (M)": "", "total (M)": ""}
+            return row if args.no_flops else dict(row, GFLOPs="")
     try:
         cost = method_cost_cached(method, spec, num_classes, cache_dir(), hparams=hparams,
                                   image_size=args.image_size, flops=not args.no_flops)

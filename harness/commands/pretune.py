@@ -6,11 +6,16 @@ stage now (configured by the suite sections the method reads, on the inputs the 
 normalisation) and prints its own summary. Without ``--output`` the result goes where the suite's trials look for it,
 so ``harness run`` finds it with no further step; with ``--output``, the provider says how to point the suite at it.
 An existing result is kept unless ``--force``.
+
+``--executor slurm`` checks the suite, the job settings and each stage's settings and data
+(:meth:`harness.api.Method.check_stage`), then submits this command as one SLURM job (:mod:`harness.executors.stage`)
+and returns, printing the job id and where each result will land; the job writes where an inline run would.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from harness.commands import cache_dir, formatter
@@ -24,7 +29,13 @@ examples:
   harness pretune --suite fgvc --method NAME            # one method's stage (NAME: harness ls methods)
   harness pretune --suite demo --method NAME --output stage.pt --set pretune.epochs=1
   harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train --devices 8   # 8 GPUs
+  harness pretune --suite vtab --set pretune.image_folder=~/data/imagenet/train --executor slurm --gpus 1 \\
+    --devices 4 --nodes 2 --time 720         # one SLURM job on 2 nodes x 4 GPUs; prints its id and returns
 """
+
+#: where ``harness pretune`` runs the stage
+STAGE_EXECUTORS = {"inline": "this process (and --devices ranks on this machine); waits",
+                   "slurm": "one SLURM job (--devices tasks per node on --nodes nodes); submits and returns"}
 
 
 def add_parser(sub) -> None:
@@ -48,13 +59,24 @@ def add_parser(sub) -> None:
                              "processes without GPUs); the stage's batch size stays the global batch (default: the "
                              "suite's executor.devices, else 1)")
     parser.add_argument("--nodes", type=int, metavar="M",
-                        help="nodes: only inside a SLURM job whose tasks each run this command (srun), where every "
-                             "task reads its rank from SLURM")
+                        help="nodes: with --executor slurm (the job gets --devices tasks on each of M nodes), or "
+                             "inside a SLURM job whose tasks each run this command (srun); every task reads its rank "
+                             "from SLURM")
+    parser.add_argument("--executor", default="inline",
+                        help="where the stage runs: " + "; ".join(f"{k}: {v}" for k, v in STAGE_EXECUTORS.items()))
+    from harness.commands.run import add_cluster_args
+
+    add_cluster_args(parser)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from harness.api import METHODS
+    from harness.errors import did_you_mean
+
+    if args.executor not in STAGE_EXECUTORS:
+        raise HarnessError(f"unknown executor '{args.executor}'{did_you_mean(args.executor, STAGE_EXECUTORS)} "
+                           f"(harness pretune runs on: {', '.join(STAGE_EXECUTORS)})")
     from harness.inputs import artifact_resolver, suite_data_context
     from harness.sweep import load_suite, parse_set
 
@@ -84,6 +106,8 @@ def main(args: argparse.Namespace) -> int:
     from harness.loop import pick_device
 
     devices, nodes = parallel_request(args, suite)
+    if args.executor == "slurm":
+        return submit(args, suite, names, devices, nodes)
     world = start_or_launch(getattr(args, "argv", []), devices, nodes, pick_device(), {})
     if isinstance(world, int):  # the ranks ran the stage
         return world
@@ -101,4 +125,52 @@ def main(args: argparse.Namespace) -> int:
             path = resolve(need)
             if world.main:
                 print(f"{name}: {need} -> {path}")
+    return 0
+
+
+def submit(args: argparse.Namespace, suite, names: list[str], devices: int, nodes: int) -> int:
+    """``--executor slurm``: check what can be checked here (the executor's settings, each stage's settings and
+    data, through :meth:`harness.api.Method.check_stage`), then submit this command as one job and say where its
+    result will land."""
+    from harness.api import METHODS, ArtifactRequest
+    from harness.executors.settings import settings_from
+    from harness.inputs import suite_data_context
+    from harness.launch import preflight as parallel_preflight
+
+    settings = settings_from(suite, args)
+    settings.devices, settings.nodes = devices, nodes
+    settings.signal_delay()  # a time limit too short for the pre-timeout signal: refused now
+    if devices * nodes > 1:
+        parallel_preflight(devices, nodes, "cuda" if settings.gpus else "cpu", {}, slurm=True)
+    cache = cache_dir()
+    data = suite_data_context(suite, cache)
+    targets: list[tuple[str, str, Path | None]] = []
+    for name in names:
+        method = METHODS.get(name)
+        for need in method.needs:
+            request = ArtifactRequest(
+                name=need, suite=suite.name, cache_dir=cache, backbone=suite.backbone, method=name,
+                sections={section: suite.raw.get(section) for section in method.suite_sections}, data=data,
+                overrides=suite.overrides, data_root=suite.data_root, make=True, force=args.force,
+                output=args.output)
+            path = method.check_stage(request)
+            targets.append((name, need, Path(os.path.abspath(path)) if path is not None else None))
+    if not args.force and targets and all(path is not None and path.exists() for _, _, path in targets):
+        for name, need, path in targets:
+            print(f"already made: {name}: {need} -> {path} (--force to redo); nothing submitted")
+        return 0
+    from harness.executors.stage import submit_stage
+
+    job_id, logs = submit_stage(suite, list(getattr(args, "argv", [])), settings, cache)
+    ranks = devices * nodes
+    print(f"submitted the stage of {', '.join(names)} as SLURM job {job_id}"
+          + (f" ({devices} task(s) x {nodes} node(s) = {ranks} ranks"
+             + (", one GPU each)" if settings.gpus else ")") if ranks > 1 else
+             f" ({settings.gpus} GPU(s))" if settings.gpus else "")
+          + f", time limit {settings.time_min} min")
+    for name, need, path in targets:
+        print(f"{name}: {need} -> {path if path is not None else '(where the stage decides)'}")
+    print(f"logs: {logs}/")
+    print(f"follow with: squeue -j {job_id}; once it has finished, `harness run --suite {args.suite}` with the "
+          "same --set/--backbone/--weights finds the result")
     return 0

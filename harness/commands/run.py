@@ -236,7 +236,9 @@ def main(args: argparse.Namespace) -> int:
         print(tabulate(rows, headers="keys", tablefmt="simple"))
         if args.gpus_available < 1:
             raise HarnessError(f"--gpus-available: expected 1 or more, got {args.gpus_available}")
-        for line in estimate(suite, cells, store, results_dir(args), gpus=args.gpus_available,
+        refused = refused_methods(suite, cells)  # warned about below; not built for the estimate
+        runnable = [c for c in cells if c.method not in refused]
+        for line in estimate(suite, runnable, store, results_dir(args), gpus=args.gpus_available,
                              feature_cache=env.feature_cache).lines():
             print(line)
         for warning in warnings:
@@ -282,10 +284,26 @@ def dry_run_problems(suite, cells: list[Cell], env) -> list[str]:
         check_backbone_spec(suite.backbone)
     except HarnessError as err:
         problems.append(f"backbone: {err}")
+    else:
+        problems += backbone_problems(suite, cells)
     ctx = suite_data_context(suite, env.cache_dir)
     for name in dict.fromkeys(c.task for c in cells):
         problems += TASKS.get(name).check(ctx, deep=False)
     return group_problems(problems)
+
+
+def refused_methods(suite, cells: list[Cell]) -> dict[str, str]:
+    """The selected methods that cannot run on the suite's backbone family (``Method.backbones``), each with its
+    one line."""
+    from harness.backbone import unsupported_backbone
+
+    names = dict.fromkeys(c.method for c in cells)
+    lines = {name: unsupported_backbone(METHODS.get(name), suite.backbone) for name in names}
+    return {name: line for name, line in lines.items() if line}
+
+
+def backbone_problems(suite, cells: list[Cell]) -> list[str]:
+    return list(refused_methods(suite, cells).values())
 
 
 def group_problems(problems: list[str]) -> list[str]:
@@ -319,6 +337,9 @@ def preflight(suite, cells: list[Cell], env, resolve_artifacts: bool = True) -> 
     from harness.inputs import check_backbone_spec, suite_data_context
 
     check_backbone_spec(suite.backbone)
+    refused = backbone_problems(suite, cells)
+    if refused:
+        raise HarnessError("\n".join(refused))
     ctx = suite_data_context(suite, env.cache_dir)
     problems: list[str] = []
     for name in dict.fromkeys(c.task for c in cells):

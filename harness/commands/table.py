@@ -83,12 +83,13 @@ def main(args: argparse.Namespace) -> int:
     if args.reference_table and not args.reference:
         raise HarnessError("--reference-table needs --reference SOURCE")
     if args.reference:
-        from harness.reference import Comparison, load, select_table
+        from harness.reference import Comparison, load, reference_backbone, select_table
 
         numbers = load(args.reference)  # an unknown source or table fails before any record is read
         if args.reference_table:
             select_table(numbers, args.reference, args.reference_table)
-        reference = Comparison(args.reference, args.reference_table)
+        reference = Comparison(args.reference, args.reference_table,
+                               backbone=reference_backbone(args.reference, suite.backbone["name"]))
     options = dict(methods=methods, tasks=tasks, fmt=args.format, extra=extra, compare=compare, alpha=args.alpha,
                    reference=reference)
     print(build_table(suite, store, missing=missing, layout=args.layout, width=terminal_width(), **options))

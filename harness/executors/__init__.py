@@ -23,7 +23,8 @@ modules: :mod:`~harness.executors.settings` (job resources), :mod:`~harness.exec
 check at job start), :mod:`~harness.executors.job` (the checkpointable job callable),
 :mod:`~harness.executors.ledger` (what was submitted), :mod:`~harness.executors.queue` (what the queue says),
 :mod:`~harness.executors.status` (records merged with jobs, for ``harness status``) and
-:mod:`~harness.executors.report` (the nightly report as a job after the night's arrays).
+:mod:`~harness.executors.report` (the nightly report as a job after the night's arrays) and
+:mod:`~harness.executors.stage` (``harness pretune --executor slurm``: a method's stage as one SLURM job).
 """
 
 from __future__ import annotations
