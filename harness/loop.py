@@ -265,7 +265,10 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         totals.steps += 1
         if per_step:
             scheduler.step()
-        if labels is None:
+        if labels is None:  # an empty slice of the batch: its step (the gradient exchange) ends here
+            now = time.perf_counter()
+            totals.step_s += now - clock
+            clock = now
             continue
         n = labels.shape[0]
         if on_batch is not None:
