@@ -231,6 +231,26 @@ class EpochTotals:
         return out
 
 
+def adaptive_hooks(model: nn.Module) -> list[Callable[[int], Any]]:
+    """The ``after_optimizer_step`` hooks of modules that adapt themselves as they train (harness.api.Method),
+    wherever they sit: inside a segmentation wrapper, or the method's model held (not registered) by the
+    frozen-feature or decoded-input wrapper as ``_model``, whose children the wrapper registers as its own."""
+    hooks: list[Callable[[int], Any]] = []
+    seen: set[int] = set()
+    pending = [model]
+    while pending:
+        module = pending.pop()
+        for m in module.modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            if callable(hook := getattr(m, "after_optimizer_step", None)):
+                hooks.append(hook)
+            if isinstance(inner := m.__dict__.get("_model"), nn.Module):
+                pending.append(inner)
+    return hooks
+
+
 def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, objective: Objective, scheduler: Any,
                 memory: Any, *, device: str, amp: bool, per_step: bool, steps: int,
                 max_steps: int | None, world: World = SINGLE,
@@ -241,9 +261,7 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
     with the number of images this rank trained on (a progress bar's count)."""
     train_mode(model)
     totals = EpochTotals(steps=steps)
-    # modules that adapt themselves as they train (harness.api.Method: after_optimizer_step), wherever they sit in
-    # the model (a segmentation wrapper, the frozen-feature cache's wrapper hold the method's model inside)
-    after_step = [hook for m in model.modules() if callable(hook := getattr(m, "after_optimizer_step", None))]
+    after_step = adaptive_hooks(model)
     clock = time.perf_counter()
     for batch in loader:
         if max_steps is not None and totals.steps >= max_steps:
