@@ -1,4 +1,4 @@
-"""Reference numbers: the published tables (TOAST's, VPT's) transcribed as tidy CSVs under ``results/reference/``,
+"""Reference numbers: the published tables (TOAST's, VPT's, V-PETL Bench's) transcribed as tidy CSVs under ``results/reference/``,
 one file per source (``<source>.csv``), and the one place that maps the papers' names to ours.
 
 Each CSV row is one printed number: ``source, table, benchmark, backbone, method, task, metric, value, params_m,
@@ -52,12 +52,24 @@ METHOD_NAMES: dict[str, str] = {
     "w/o pre-tuning": "toast-nopretune",  # TOAST Table 8 ablations
     "w/o token att": "toast-notoken",
     "w/o channel att": "toast-nochannel",
+    # V-PETL Bench README (vpetl-bench): its FGVC and VTAB-1k tables' row names
+    "Full fine-tuning": "finetune",
+    "Linear probing": "linear",
+    "VPT-Shallow": "vpt-shallow",
+    "VPT-Deep": "vpt-deep",
+    "BitFit": "bitfit",
+    "Adapter": "adapter",
+    "AdaptFormer": "adaptformer",
+    "SSF": "ssf",
 }
 
 _FGVC = {"CUB": "fgvc-cub", "Bird": "fgvc-nabirds", "Birds": "fgvc-nabirds", "NABirds": "fgvc-nabirds",
          "Flower": "fgvc-flowers", "Flowers": "fgvc-flowers", "Dog": "fgvc-dogs", "Dogs": "fgvc-dogs",
          "Car": "fgvc-cars", "Cars": "fgvc-cars",
-         "Avg": "mean", "Mean": "mean", "FGVC Acc": "mean", "FGVC Avg Acc": "mean"}
+         "Avg": "mean", "Mean": "mean", "FGVC Acc": "mean", "FGVC Avg Acc": "mean",
+         # V-PETL Bench README
+         "CUB-200-2011": "fgvc-cub", "Oxford Flowers": "fgvc-flowers", "Stanford Dogs": "fgvc-dogs",
+         "Stanford Cars": "fgvc-cars"}
 _VTAB = {
     # TOAST paper (Tables 2, 3, 12, 13)
     "CIFAR100": "cifar", "Caltech": "caltech101", "EuroSAT": "eurosat", "Flowers": "oxford_flowers102",
@@ -72,6 +84,12 @@ _VTAB = {
     "resisc": "resisc45", "retino": "diabetic_retinopathy", "clevr-count": "clevr_count", "clevr-dist": "clevr_dist",
     "dmlab": "dmlab", "kitti": "kitti", "dspr-loc": "dsprites_loc", "dspr-ori": "dsprites_ori",
     "snorb-azi": "smallnorb_azi", "snorb-ele": "smallnorb_ele",
+    # V-PETL Bench README (its VTAB table's header; EuroSAT as TOAST's)
+    "CIFAR-100": "cifar", "Caltech101": "caltech101", "DTD": "dtd", "Flowers102": "oxford_flowers102",
+    "Pets": "oxford_iiit_pet", "SVHN": "svhn", "Sun397": "sun397", "Patch Camelyon": "patch_camelyon",
+    "Resisc45": "resisc45", "Retinopathy": "diabetic_retinopathy", "Clevr/count": "clevr_count",
+    "Clevr/distance": "clevr_dist", "DMLab": "dmlab", "KITTI/distance": "kitti", "dSprites/loc": "dsprites_loc",
+    "dSprites/ori": "dsprites_ori", "SmallNORB/azi": "smallnorb_azi", "SmallNORB/ele": "smallnorb_ele",
 }
 #: benchmark -> paper task (column) name -> our task name, or our table's mean column: ``mean`` (over all the
 #: table's tasks) or ``<group>-mean``. Unmapped names (segmentation, Alpaca) stay as printed.
@@ -79,11 +97,13 @@ TASK_NAMES: dict[str, dict[str, str]] = {
     "fgvc": _FGVC,
     "alpaca": {"Avg": "mean", "Alpaca Score": "mean"},  # its categories (Generic, ...) are no tasks of ours
     "vtab-1k": {**{paper: f"vtab-{ours}" for paper, ours in _VTAB.items()},
-                "Natural": "natural-mean", "Specialized": "specialized-mean", "Structured": "structured-mean"},
+                "Natural": "natural-mean", "Specialized": "specialized-mean", "Structured": "structured-mean",
+                "Mean": "mean"},  # V-PETL Bench: the mean of all 19 tasks
 }
 
 #: source -> the backbone of its headline tables: what `harness table --reference` compares by default
-DEFAULT_BACKBONE: dict[str, str] = {"toast-paper": "vit-b16-deit-in1k", "vpt-paper": "vit-b16-in21k"}
+DEFAULT_BACKBONE: dict[str, str] = {"toast-paper": "vit-b16-deit-in1k", "vpt-paper": "vit-b16-in21k",
+                                    "vpetl-bench": "vit-b16-in21k"}
 #: a suite's timm architecture (its backbone name before the tag) -> the reference sources' backbone label: a suite
 #: on one of these is compared with the rows of that backbone (fgvc-convnext with Table 5, fgvc-vitl with Table 6)
 SUITE_BACKBONES: dict[str, str] = {"convnext_base": "convnext-b", "vit_large_patch16_224": "vit-l16-in21k",

@@ -19,7 +19,7 @@ from harness.store import Store
 from harness.sweep import load_suite
 
 ROOT = Path(__file__).resolve().parents[1] / "results" / "reference"
-SOURCES = ("toast-paper", "vpt-paper")
+SOURCES = ("toast-paper", "vpt-paper", "vpetl-bench")
 
 
 def rows(source: str) -> list[dict[str, str]]:
@@ -51,7 +51,7 @@ def test_files_are_tidy():
             key = (row["table"], row["backbone"], row["method"], row["benchmark"], row["task"])
             assert key not in seen, key
             seen.add(key)
-    assert len(rows("toast-paper")) > 300 and len(rows("vpt-paper")) > 100
+    assert len(rows("toast-paper")) > 300 and len(rows("vpt-paper")) > 100 and len(rows("vpetl-bench")) == 234
 
 
 def test_printed_averages_match_the_cells():
