@@ -189,8 +189,9 @@ class ToastLite(ToastMethod):
 
     description = "TOAST with rank-4 LoRA on the feedback path (merged per step); xi, P and the head train"
     backbones = ("vit",)  # LoRA on linear feedback layers; the ConvNeXt module's are convolutions
-    #: 2: the feedback LoRA computed merged (W + s B A per step) instead of peft's per-token form
-    version = 2
+    #: 2: the feedback LoRA computed merged (W + s B A per step) instead of peft's per-token form;
+    #: 3: A's and B's gradients computed through the rank (no d x d weight gradient)
+    version = 3
     defaults = {**ToastMethod.defaults, "lora_rank": 4, "lora_alpha": 1.0}
 
     def set_trainable(self, model: TopDownViT, hp: dict[str, Any]) -> None:

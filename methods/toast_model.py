@@ -279,13 +279,49 @@ def train_top_down(model: TopDownViT, *, prompt: bool = True, transform: bool = 
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
+class _LowRankUpdateLinear(torch.autograd.Function):
+    """``y = x (W + s B A)^T`` with the gradients of A and B computed through the rank, not through a d x d
+    weight gradient: ``dB = s dy^T (x A^T)``, ``dA = s (dy B)^T x`` (tokens x d x r multiply-adds each) instead of
+    ``dW' = dy^T x`` (tokens x d x d) followed by its projection; ``dx = dy (W + s B A)`` as for any linear. The
+    same gradients as autograd through the merged weight, to float rounding (tests/test_toast.py)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        merged = weight + scaling * (lora_b @ lora_a)
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(x, merged)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, merged, lora_a, lora_b = ctx.saved_tensors
+        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+        tokens, grad_tokens = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_a = grad_b = None
+        if need_x:
+            grad_x = (grad_out @ merged.to(grad_out.dtype)).to(x.dtype)
+        if need_w:  # only if the frozen weight was made trainable
+            grad_w = (grad_tokens.t() @ tokens.to(grad_tokens.dtype)).to(merged.dtype)
+        if need_b:
+            low = tokens @ lora_a.t().to(tokens.dtype)  # tokens x r
+            grad_b = (ctx.scaling * (grad_tokens.t() @ low.to(grad_tokens.dtype))).to(lora_b.dtype)
+        if need_a:
+            low_grad = grad_tokens @ lora_b.to(grad_tokens.dtype)  # tokens x r
+            grad_a = (ctx.scaling * (low_grad.t() @ tokens.to(low_grad.dtype))).to(lora_a.dtype)
+        return grad_x, grad_w, grad_a, grad_b, None
+
+
 class LoRALinear(nn.Linear):
     """A frozen bias-free linear plus a trainable low-rank update, as loralib's ``lora.Linear`` in the official
     TOAST-Lite: ``y = x W^T + scaling * x A^T B^T`` with ``weight`` (the pre-tuned W), ``lora_A`` (r x in) and
     ``lora_B`` (out x r) named as there. Computed merged: ``W + scaling * B A`` is formed once per call (out x r x in
     multiply-adds) and applied as one linear, instead of two thin matmuls per token as peft and loralib do while
-    training: the same function and the same gradients for A and B (to float rounding; tests/test_toast.py), at a
-    plain linear's cost per token."""
+    training, and A's and B's gradients are computed through the rank (:class:`_LowRankUpdateLinear`), so a step
+    never forms the d x d weight gradient a trained linear (TOAST's) needs: the same function and gradients as
+    peft's LoRA (to float rounding; tests/test_toast.py), for less than a plain trained linear costs."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__(base.in_features, base.out_features, bias=False, device=base.weight.device,
@@ -301,6 +337,8 @@ class LoRALinear(nn.Linear):
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            return _LowRankUpdateLinear.apply(x, self.weight, self.lora_A, self.lora_B, self.scaling)
         return F.linear(x, self.weight + self.scaling * (self.lora_B @ self.lora_A))
 
 

@@ -567,10 +567,25 @@ def test_merged_feedback_lora_is_peft_lora_in_value_and_gradient():
         per_token.lora_A.default.weight.copy_(merged.lora_A)
         per_token.lora_B.default.weight.copy_(merged.lora_B)
     x = torch.randn(3, 17, 48)
-    y_merged, y_peft = merged(x), per_token(x)
+    x_merged, x_peft = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_merged, y_peft = merged(x_merged), per_token(x_peft)
     torch.testing.assert_close(y_merged, y_peft, rtol=1e-5, atol=1e-5)
     (y_merged ** 2).sum().backward()
     (y_peft ** 2).sum().backward()
     torch.testing.assert_close(merged.lora_A.grad, per_token.lora_A.default.weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(merged.lora_B.grad, per_token.lora_B.default.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x_merged.grad, x_peft.grad, rtol=1e-4, atol=1e-4)
     assert merged.weight.grad is None and merged.scaling == 0.25
+
+
+def test_the_low_rank_gradients_are_the_merged_weights_gradients():
+    """A and B get their gradients through the rank (never a d x d weight gradient): in float64 they equal the
+    numerical gradients of x (W + s B A)^T, for x, W (were it trained), A and B."""
+    from methods.toast_model import _LowRankUpdateLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: _LowRankUpdateLinear.apply(*t, 0.25), (x, weight, lora_a, lora_b))
