@@ -176,10 +176,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Ob
     if not world.distributed:
         with autocast_for(device, amp):
             loss, logs = objective(model, images, labels)
-        if not torch.isfinite(loss):
-            return loss, logs, False
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # read the loss only once the backward is queued: on a GPU reading it waits for the device, and before the
+        # backward that wait would leave the device idle while the backward's kernels are launched
+        if not torch.isfinite(loss):
+            return loss, logs, False  # no step: the gradients are discarded with the diverged trial
         optimizer.step()
         return loss, logs, True
     optimizer.zero_grad(set_to_none=True)
