@@ -22,9 +22,7 @@ it off.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,8 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harness.features import (DISK_MARGIN_BYTES, CacheRefused, SplitCache, _whole_batch, features_key,
-                              human_bytes)
+from harness.features import CacheRefused, SplitCache, _whole_batch, ensure_room, features_key, human_bytes
 from harness.files import atomic_save_npy, atomic_write_json, file_lock
 from harness.loop import train_mode
 
@@ -178,14 +175,7 @@ def ensure_built(datasets: dict[str, Dataset], caches: dict[str, SplitCache], pr
         shapes[name] = tuple(datasets[name][0][0].shape)
         item_seconds = max(item_seconds, time.perf_counter() - t0)
     sizes = {name: (int(np.prod(shapes[name])) + 8) * len(datasets[name]) for name in missing}
-    free = shutil.disk_usage(folder).free
-    if sum(sizes.values()) + DISK_MARGIN_BYTES > free:
-        reason = (f"the disk would not hold it: {human_bytes(sum(sizes.values()))} needed in {folder}, "
-                  f"{human_bytes(free)} free")
-        if str(folder) not in _SAID:
-            _SAID.add(str(folder))
-            print(f"decoded cache: {reason}; reading the images instead", file=sys.stderr)
-        raise CacheRefused(reason)
+    ensure_room(folder, sum(sizes.values()), "decoded cache", "reading the images instead", said=_SAID)
     for name in missing:
         cache = caches[name]
         with file_lock(cache.lock):

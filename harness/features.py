@@ -61,6 +61,22 @@ class CacheRefused(Exception):
     """The cache cannot serve this trial after all (its message is the reason recorded); the trial runs uncached."""
 
 
+def ensure_room(folder: Path, needed: int, cache: str, instead: str, hint: str = "",
+                said: set[str] | None = None) -> None:
+    """Refuse a cache build (:class:`CacheRefused`, its reason for the record) when the disk under ``folder`` would
+    not hold ``needed`` bytes and a margin; the reason goes to stderr with what the trial does ``instead``, once per
+    folder when ``said`` (the folders already said in this process) is given."""
+    free = shutil.disk_usage(folder).free
+    if needed + DISK_MARGIN_BYTES <= free:
+        return
+    reason = f"the disk would not hold it: {human_bytes(needed)} needed in {folder}, {human_bytes(free)} free{hint}"
+    if said is None or str(folder) not in said:
+        if said is not None:
+            said.add(str(folder))
+        print(f"{cache}: {reason}; {instead}", file=sys.stderr)
+    raise CacheRefused(reason)
+
+
 def setting_refusal(train: dict[str, Any], enabled: bool = True) -> str | None:
     """Why the run's settings turn the cache off (``--no-cache``: ``enabled`` false; ``train.feature_cache``)."""
     if not enabled:
@@ -309,14 +325,8 @@ def frozen_loaders(model: nn.Module, loaders: dict[str, DataLoader], keys: dict[
     if missing:
         shapes = item_shapes(model, loaders[missing[0]].dataset, device, amp)
         sizes = {name: split_bytes(shapes, len(loaders[name].dataset), dtype) for name in missing}
-        free = shutil.disk_usage(folder).free
-        if sum(sizes.values()) + DISK_MARGIN_BYTES > free:
-            reason = (f"the disk would not hold it: {human_bytes(sum(sizes.values()))} needed in {folder}, "
-                      f"{human_bytes(free)} free")
-            if dtype == "float32":
-                reason += " (train.feature_cache_dtype: float16 halves it)"
-            print(f"feature cache: {reason}; training on images instead", file=sys.stderr)
-            raise CacheRefused(reason)
+        ensure_room(folder, sum(sizes.values()), "feature cache", "training on images instead",
+                    hint=" (train.feature_cache_dtype: float16 halves it)" if dtype == "float32" else "")
         for name in missing:
             cache = caches[name]
             with file_lock(cache.lock):

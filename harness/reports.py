@@ -159,7 +159,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines = [f"# Nightly regression report: suite {report['suite']}", "", f"**{_headline(report)}** "
              f"(exit {report['exit_code']})", ""]
     lines += [f"- {name}: {text}" for name, text in _sides(report)]
-    lines += [f"- rule: {_tolerance_line(report)}", f"- cells: " + ", ".join(
+    lines += [f"- rule: {_tolerance_line(report)}", "- cells: " + ", ".join(
         f"{v} {k}" for k, v in sorted(report["counts"].items(), key=lambda kv: VERDICT_ORDER.index(kv[0])))]
     lines += [f"- cost: {line}" for line in cost_lines(report)]
     lines += [f"- note: {note}" for note in report["notes"]]
