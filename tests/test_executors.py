@@ -312,3 +312,18 @@ def test_a_dead_end_through_the_cli_status_and_slurm(make_suite, tmp_path, capsy
     assert (report.state, report.counts, report.stale) == ("pending", {"done": 0, "diverged": 0, "failed": 0,
                                                                       "pending": 2}, 1)
     assert [(s.path.name, s.reason) for s in report.stale_records] == [(f"search-{record['id']}.json", NOT_PLANNED)]
+
+
+def test_a_submission_sbatch_refuses_is_one_line_naming_sbatchs_reason():
+    """Every SLURM submission (the grid's arrays, the report job, a pre-tuning stage) goes through one translation
+    of submitit's FailedJobError: its last printed line, no traceback."""
+    import submitit
+
+    from harness.errors import HarnessError
+    from harness.executors.slurm import sbatch_refusal
+
+    with pytest.raises(HarnessError) as err:
+        with sbatch_refusal():
+            raise submitit.core.utils.FailedJobError(
+                "Could not submit job\n\nsbatch: error: invalid partition specified: gpux\n")
+    assert str(err.value) == "sbatch refused the job: sbatch: error: invalid partition specified: gpux"

@@ -10,8 +10,9 @@ search trial diverged) are not submitted; they are named and make the exit code 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import submitit
 
@@ -33,6 +34,16 @@ T = TypeVar("T")
 def chunks(items: list[T], size: int) -> list[list[T]]:
     """``items`` in consecutive pieces of at most ``size``."""
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+@contextmanager
+def sbatch_refusal() -> Iterator[None]:
+    """A submission sbatch refuses becomes one line: the last line sbatch printed (no traceback)."""
+    try:
+        yield
+    except submitit.core.utils.FailedJobError as err:
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        raise HarnessError(f"sbatch refused the job: {lines[-1] if lines else err}") from None
 
 
 def slurm_executor(folder: Path, suite: Suite, settings: JobSettings) -> submitit.AutoExecutor:
@@ -83,11 +94,8 @@ def run_slurm(suite: Suite, cells: list[Cell], store: Store, env: TrialEnv, args
         executor = slurm_executor(folder, suite, settings)
         code = code_identity()
         for part in chunks(submit, limit):
-            try:
+            with sbatch_refusal():
                 jobs = executor.submit_array([make_job(suite, c, store, env, settings, folder, code) for c in part])
-            except submitit.core.utils.FailedJobError as err:
-                lines = [ln for ln in str(err).splitlines() if ln.strip()]
-                raise HarnessError(f"sbatch refused the job: {lines[-1] if lines else err}") from None
             ledger.append([ledger_entry(suite, c, j, "slurm", code) for c, j in zip(part, jobs)])
             drop_template_dir(folder / "slurm")
             array_id = str(jobs[0].job_id).split("_")[0]
@@ -140,11 +148,8 @@ def submit_after(fn: Any, folder: Path, name: str, settings: JobSettings, after:
         "slurm_additional_parameters": {"dependency": "afterany:" + ":".join(after)} if after else None,
     }
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-    try:
+    with sbatch_refusal():
         job = executor.submit(fn)
-    except submitit.core.utils.FailedJobError as err:
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        raise HarnessError(f"sbatch refused the job: {lines[-1] if lines else err}") from None
     drop_template_dir(folder / "slurm")
     return str(job.job_id)
 

@@ -18,11 +18,10 @@ from typing import Any
 
 import submitit
 
-from harness.errors import HarnessError
 from harness.executors.code import check_code, code_identity
 from harness.executors.ledger import drop_template_dir
 from harness.executors.settings import JobSettings
-from harness.executors.slurm import slurm_executor
+from harness.executors.slurm import sbatch_refusal, slurm_executor
 from harness.sweep import Suite
 
 
@@ -69,10 +68,7 @@ def submit_stage(suite: Suite, argv: list[str], settings: JobSettings, cache_dir
     executor = slurm_executor(folder, suite, settings)
     executor.update_parameters(name=f"harness-pretune-{suite.name}")
     job = StageJob(stage_argv(argv), Path.cwd(), cache_dir, code_identity(), settings.code_check)
-    try:
+    with sbatch_refusal():
         submitted = executor.submit(job)
-    except submitit.core.utils.FailedJobError as err:
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        raise HarnessError(f"sbatch refused the job: {lines[-1] if lines else err}") from None
     drop_template_dir(folder / "slurm")
     return str(submitted.job_id), folder / "slurm" / str(submitted.job_id)
