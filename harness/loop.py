@@ -42,7 +42,8 @@ from torch import nn
 from harness.distributed import SINGLE, World
 from harness.metrics import METRICS
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
+#: ``(loss, logs)``: a log may be a number or a 0-d tensor (read once the epoch ends, as the loss is)
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float | torch.Tensor]]"]
 
 
 def pick_device() -> str:
@@ -152,14 +153,14 @@ def evaluate(model: nn.Module, loader: Any, device: str, metric: str, num_classe
     With several ranks each scores its part of the split (``loader``) and the predictions of all ranks are
     gathered before the metric is computed once, over every image exactly once."""
     model.eval()
-    preds, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    preds, labels = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long)]
     with torch.inference_mode():
         for images, targets in loader:
             with autocast_for(device, amp):
                 logits = model(to_device(images, device))
-            preds.append(logits.float().argmax(dim=1).cpu())
+            preds.append(logits.float().argmax(dim=1))  # on the device: moved once, not one wait per batch
             labels.append(torch.as_tensor(targets).long())
-    pairs = world.gather_objects((torch.cat(preds), torch.cat(labels)))
+    pairs = world.gather_objects((torch.cat(preds).cpu(), torch.cat(labels)))
     return METRICS[metric](torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]), num_classes)
 
 
@@ -264,6 +265,7 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
     train_mode(model)
     totals = EpochTotals(steps=steps)
     after_step = adaptive_hooks(model)
+    unread: list[tuple[int, torch.Tensor, dict[str, Any]]] = []
     clock = time.perf_counter()
     for batch in loader:
         if max_steps is not None and totals.steps >= max_steps:
@@ -293,14 +295,28 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
         n = labels.shape[0]
         if on_batch is not None:
             on_batch(n)
-        totals.loss += loss.item() * n
+        # kept on the device and read once the epoch ends: reading a loss per step would wait for the device to
+        # finish the step, leaving it idle while the next batch is fetched and its forward launched
+        unread.append((n, loss.detach(), {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}))
+        now = time.perf_counter()
+        totals.step_s += now - clock
+        clock = now
+    read_losses(totals, unread)
+    totals.step_s += time.perf_counter() - clock  # the read waits for the device to finish the last steps
+    return totals
+
+
+def read_losses(totals: EpochTotals, unread: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> None:
+    """Adds the epoch's per-step losses and logs, weighted by images, to ``totals``, in step order (the same sums as
+    reading each as it came)."""
+    if not unread:
+        return
+    losses = torch.stack([loss.float() for _, loss, _ in unread]).tolist()  # one wait for the device, not one per step
+    for (n, _, logs), loss in zip(unread, losses):
+        totals.loss += loss * n
         totals.seen += n
         for key, value in logs.items():
             totals.logs[key] = totals.logs.get(key, 0.0) + float(value) * n
-        now = time.perf_counter()  # the step's time ends where the loss is read (it waits for the device)
-        totals.step_s += now - clock
-        clock = now
-    return totals
 
 
 def fit(

@@ -30,8 +30,13 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     labels = labels.reshape(-1).long()
     predictions = predictions.reshape(-1).long()
     valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
-    index = labels[valid] * num_classes + predictions[valid]
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    # skipped pixels are counted in one extra bin that is dropped: unlike a boolean index or bincount, nothing
+    # here waits for a GPU to learn a size, so a split's matrices accumulate on the device
+    cells = num_classes * num_classes
+    index = torch.where(valid, labels * num_classes + predictions, cells)
+    counts = torch.zeros(cells + 1, dtype=torch.int64, device=index.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    return counts[:cells].reshape(num_classes, num_classes)
 
 
 def iou_per_class(confusion: torch.Tensor) -> list[float | None]:

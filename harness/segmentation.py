@@ -195,7 +195,7 @@ def segmentation_objective(aux_weight: float = 0.4, ignore_index: int = 255):
         decode, auxiliary = model.forward_train(images)
         loss_decode = _ce(decode, labels, ignore_index)
         loss_aux = _ce(auxiliary, labels, ignore_index)
-        return loss_decode + aux_weight * loss_aux, {"decode_loss": loss_decode.item(), "aux_loss": loss_aux.item()}
+        return loss_decode + aux_weight * loss_aux, {"decode_loss": loss_decode.detach(), "aux_loss": loss_aux.detach()}
 
     return objective
 
@@ -244,7 +244,7 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
 
     model.eval()
     C = task.num_classes
-    confusion = torch.zeros(C, C, dtype=torch.int64)
+    confusion = torch.zeros(C, C, dtype=torch.int64, device=device)  # counted on the device, read once
     with torch.inference_mode():
         for images, labels in loader:
             for image, label in zip(images, labels):
@@ -256,7 +256,8 @@ def evaluate_segmentation(model: nn.Module, loader, device: str, task: "Segmenta
                         logits = model(x)
                 logits = F.interpolate(logits.float(), size=tuple(label.shape[-2:]), mode="bilinear",
                                        align_corners=False)
-                confusion += confusion_matrix(logits.argmax(1).cpu(), label, C, task.ignore_index)
+                confusion += confusion_matrix(logits.argmax(1), label.to(device), C, task.ignore_index)
+    confusion = confusion.cpu()
     if world is not None:
         confusion = world.all_reduce_sum(confusion)
     per_class = iou_per_class(confusion)

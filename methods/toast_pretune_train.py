@@ -41,14 +41,14 @@ def pretune_objective(var_loss_weight: float, first_pass_ce: bool):
         out = model.forward_detailed(images, var_loss=var_loss_weight > 0)
         logits = model.head(out.features).float()
         ce = F.cross_entropy(logits, labels)
-        logs: dict[str, float] = {"acc": (logits.argmax(1) == labels).float().mean().item()}
+        logs = {"acc": (logits.argmax(1) == labels).float().mean()}  # tensors: the loop reads them per epoch
         if out.first_features is not None:
             first_logits = model.head(out.first_features).float()
-            logs["acc_first"] = (first_logits.argmax(1) == labels).float().mean().item()
+            logs["acc_first"] = (first_logits.argmax(1) == labels).float().mean()
             if first_pass_ce:
                 ce = 0.5 * (ce + F.cross_entropy(first_logits, labels))
         var = out.var_loss.float() if out.var_loss is not None else torch.zeros((), device=images.device)
-        logs.update(ce=ce.item(), var=var.item())
+        logs.update(ce=ce.detach(), var=var.detach())
         return ce + var_loss_weight * var, logs
 
     return objective
